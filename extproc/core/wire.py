@@ -1,0 +1,201 @@
+"""HTTP/1.1 wire heads <-> the HTTP/2-style header maps the ext_proc exchange works on.
+
+Owns what a proxy must do to a head crossing it: hop-by-hop headers dropped (RFC 9110 §7.6.1),
+the request line and Host folded into pseudo-headers and back, X-Forwarded-* and X-Request-Id
+added as Envoy's connection manager adds them, and message framing recomputed from the body
+actually sent, so that no header a processor sets can desynchronise the framing on the wire.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from extproc.models import Header, Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IngressOptions:
+    scheme: bytes = b"http"
+    forwarded_for: bool = True
+    default_authority: bytes = b""
+
+
+def _connection_tokens(headers: Iterable[Header]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def strip_hop_by_hop(headers: Iterable[Header]) -> list[Header]:
+    """The end-to-end headers only; names must already be lower-case (h11 gives them so).
+
+    ``TE: trailers`` is end-to-end in effect and kept, as Envoy keeps it.
+    """
+    headers = list(headers)
+    named = _connection_tokens(headers)
+    return [
+        (n, v)
+        for n, v in headers
+        if (n not in HOP_BY_HOP and n not in named) or (n == b"te" and v.lower() == b"trailers")
+    ]
+
+
+def request_from_wire(
+    method: bytes,
+    target: bytes,
+    wire_headers: Iterable[Header],
+    peer_ip: str,
+    options: IngressOptions,
+) -> Headers:
+    """The request as the processor and the mutation rules see it."""
+    wire = list(wire_headers)
+    authority = options.default_authority
+    if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        # absolute-form (RFC 9112 §3.2.2): the authority comes from the target, not Host.
+        rest = target.split(b"://", 1)[1]
+        authority, slash, path = rest.partition(b"/")
+        target = slash + path or b"/"
+        wire = [h for h in wire if h[0] != b"host"]
+    kept: list[Header] = []
+    for name, value in strip_hop_by_hop(wire):
+        if name == b"host":
+            authority = value
+        elif name != b"expect" or value.lower() != b"100-continue":
+            # The proxy answers 100-continue itself and drops the header, as Envoy does.
+            kept.append((name, value))
+    headers = Headers(
+        [
+            (b":authority", authority),
+            (b":path", target),
+            (b":method", method),
+            (b":scheme", options.scheme),
+            *kept,
+        ]
+    )
+    if options.forwarded_for:
+        previous = headers.get(b"x-forwarded-for")
+        ip = peer_ip.encode()
+        headers.set(b"x-forwarded-for", previous + b"," + ip if previous else ip)
+        headers.set(b"x-forwarded-proto", options.scheme)
+    elif b"x-forwarded-proto" not in headers:
+        headers.add(b"x-forwarded-proto", options.scheme)
+    if b"x-request-id" not in headers:
+        headers.add(b"x-request-id", str(uuid.uuid4()).encode())
+    return headers
+
+
+def response_from_wire(status: int, wire_headers: Iterable[Header]) -> Headers:
+    """The response as the processor sees it.
+
+    Envoy strips a response's hop-by-hop headers only after its filter chain, so processors
+    see the upstream's Connection and Transfer-Encoding; only Keep-Alive is gone by then.
+    They are stripped on the way out (:func:`response_to_wire`).
+    """
+    kept = [h for h in wire_headers if h[0] != b"keep-alive"]
+    return Headers([(b":status", str(status).encode()), *kept])
+
+
+def request_to_wire(
+    headers: Headers, body_length: int | None, has_body: bool
+) -> tuple[bytes, bytes, list[Header]]:
+    """Method, target and wire headers for the upstream request.
+
+    ``body_length`` is the exact length of the body that will be sent, or None when it will
+    be sent chunked. A bodiless request keeps only a ``Content-Length: 0``.
+    """
+    length = b"0" if not has_body else None if body_length is None else str(body_length).encode()
+    wire: list[Header] = [(b"host", headers.get(b":authority") or b"")]
+    wire += _with_length(
+        [h for h in headers.regular() if h[0] != b"host"],
+        length,
+        add=has_body and length is not None,
+    )
+    if has_body and body_length is None:
+        wire.append((b"transfer-encoding", b"chunked"))
+    return headers.get(b":method") or b"GET", headers.get(b":path") or b"/", wire
+
+
+def _with_length(headers: list[Header], length: bytes | None, add: bool) -> list[Header]:
+    """``headers`` with Content-Length set to ``length`` where it stood (dropped if None)."""
+    out: list[Header] = []
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None:
+                out.append((name, length))
+                length, add = None, False
+        elif name != b"transfer-encoding":
+            out.append((name, value))
+    if add and length is not None:
+        out.append((b"content-length", length))
+    return out
+
+
+def response_to_wire(
+    headers: Headers, body_length: int | None, body_allowed: bool
+) -> tuple[int, bytes, list[Header]]:
+    """Status, reason and wire headers for the downstream response.
+
+    When the response may carry a body, Content-Length is set from the body actually sent;
+    an unknown length leaves framing to h11 (chunked, or close-delimited for HTTP/1.0).
+    A response that cannot carry one (HEAD, 204, 304) keeps its Content-Length as it is.
+    """
+    status = int(headers.get(b":status") or b"502")
+    wire = strip_hop_by_hop(headers.regular())
+    if body_allowed:
+        length = None if body_length is None else str(body_length).encode()
+        wire = _with_length(wire, length, add=True)
+    return status, reason_phrase(status), wire
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def request_body_framing(wire_headers: Iterable[Header]) -> tuple[bool, int | None]:
+    """Whether a request has a body and its length (None when chunked), from h11's headers.
+
+    h11 has already refused a request with conflicting or invalid framing.
+    """
+    length: int | None = 0
+    for name, value in wire_headers:
+        if name == b"transfer-encoding":
+            return True, None
+        if name == b"content-length":
+            length = int(value)
+    return bool(length), length
+
+
+def response_body_length(wire_headers: Iterable[Header]) -> int | None:
+    """The length a response's framing announces; None for chunked or close-delimited."""
+    length = None
+    for name, value in wire_headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            length = int(value)
+    return length
+
+
+def response_may_have_body(status: int, request_method: bytes) -> bool:
+    return request_method != b"HEAD" and status >= 200 and status not in (204, 304)

@@ -1,0 +1,82 @@
+"""A blocking h11 connection over one socket, used downstream (server) and upstream (client).
+
+Owns reading with timeouts and writing without copying body bytes. Knows nothing of ext_proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import h11
+
+READ_SIZE = 65536
+
+
+class Http1Connection:
+    """An h11 state machine bound to a blocking socket."""
+
+    __slots__ = ("sock", "h11", "_timeout")
+
+    def __init__(self, sock: socket.socket, role: Any, *, max_head_bytes: int) -> None:
+        self.sock = sock
+        self.h11 = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
+        self._timeout: float | None = None
+
+    def _set_timeout(self, timeout: float) -> None:
+        # Only call into the socket when the value changes: most reads reuse the last one.
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+
+    def next_event(self, timeout: float, deadline: float | None = None) -> Any:
+        """The next h11 event.
+
+        Raises TimeoutError if no bytes come for ``timeout`` seconds, or once the monotonic
+        ``deadline`` passes (a slow peer trickling bytes cannot stretch it), and
+        h11.RemoteProtocolError when the peer breaks HTTP/1.1.
+        """
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise TimeoutError("deadline passed")
+            self._set_timeout(timeout)
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except ConnectionError:
+                data = b""
+            self.h11.receive_data(data)
+
+    def buffered_event_ready(self) -> bool:
+        """Whether bytes already received hold (part of) another message, e.g. pipelining."""
+        return bool(self.h11.trailing_data[0])
+
+    def send(self, event: Any, timeout: float) -> None:
+        pieces = self.h11.send_with_data_passthrough(event)
+        if pieces:
+            self._set_timeout(timeout)
+            _sendall(self.sock, pieces)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def _sendall(sock: socket.socket, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Scatter-gather write of every piece (h11 hands out the body bytes uncopied)."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]

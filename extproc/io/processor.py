@@ -1,0 +1,175 @@
+"""The gRPC side of ext_proc: one channel per processor target, one stream per HTTP exchange.
+
+The synchronous stub takes a request iterator and gRPC pulls it on a thread of its own, so each
+stream is fed through a queue-backed generator that ends on a ``None`` sentinel (the half-close).
+``next(call)`` cannot time out (grpc/grpc#20562): a single shared watchdog thread cancels a
+call whose reply is late, and :meth:`ProcessorStream.recv` reports that as a timeout.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+from extproc.config import ProcessorSettings
+from extproc.errors import ProcessorStreamError, ProcessorTimeout
+
+
+class _Timer:
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+
+class Watchdog:
+    """Runs callbacks at deadlines on one thread, so no thread is started per message."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Timer]] = []
+        self._counter = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def arm(self, delay: float, callback: Callable[[], None]) -> _Timer:
+        timer = _Timer(time.monotonic() + delay, callback)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="extproc-watchdog", daemon=True
+                )
+                self._thread.start()
+            heapq.heappush(self._heap, (timer.deadline, next(self._counter), timer))
+            if self._heap[0][2] is timer:
+                self._cond.notify()
+        return timer
+
+    @staticmethod
+    def disarm(timer: _Timer) -> None:
+        # Left in the heap and skipped when due: cheaper than removing it now.
+        timer.cancelled = True
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, _, timer = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0 and not timer.cancelled:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                if not timer.cancelled:
+                    timer.callback()
+
+
+class ProcessorClient:
+    """One gRPC channel to the processor, shared by every worker thread of the process."""
+
+    def __init__(self, settings: ProcessorSettings) -> None:
+        self.settings = settings
+        options: list[tuple[str, str | int]] = []
+        if settings.authority:
+            options.append(("grpc.default_authority", settings.authority))
+        if settings.credentials is None:
+            self._channel = grpc.insecure_channel(settings.target, options=options)
+        else:
+            self._channel = grpc.secure_channel(
+                settings.target, settings.credentials, options=options
+            )
+        self._process = ep_grpc.ExternalProcessorStub(self._channel).Process
+        self.watchdog = Watchdog()
+
+    def open_stream(self) -> ProcessorStream:
+        return ProcessorStream(self)
+
+    def start_call(self, requests: Iterator[ep.ProcessingRequest]) -> Any:
+        # A grpc _MultiThreadedRendezvous: both the response iterator and the call.
+        return self._process(
+            requests,
+            timeout=self.settings.stream_timeout,
+            metadata=self.settings.metadata or None,
+        )
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self._channel.close()
+
+
+class ProcessorStream:
+    """One Process stream; opened on the first :meth:`send`."""
+
+    __slots__ = ("_client", "_queue", "_call", "_expired")
+
+    def __init__(self, client: ProcessorClient) -> None:
+        self._client = client
+        self._queue: queue.SimpleQueue[ep.ProcessingRequest | None] = queue.SimpleQueue()
+        self._call: Any = None
+        self._expired = False
+
+    def _requests(self) -> Iterator[ep.ProcessingRequest]:
+        while (request := self._queue.get()) is not None:
+            yield request
+
+    def send(self, request: ep.ProcessingRequest) -> None:
+        self._queue.put(request)
+        if self._call is None:
+            self._call = self._client.start_call(self._requests())
+
+    def recv(self, timeout: float) -> ep.ProcessingResponse | None:
+        """The next reply, or None when the processor closed the stream with OK.
+
+        Raises :class:`ProcessorTimeout` after ``timeout`` seconds and
+        :class:`ProcessorStreamError` when the stream ends with another status.
+        """
+        call = self._call
+        assert call is not None, "recv before send"
+        timer = self._client.watchdog.arm(timeout, self._expire)
+        try:
+            response: ep.ProcessingResponse = next(call)
+        except StopIteration:
+            return None
+        except grpc.RpcError as err:
+            if self._expired:
+                raise ProcessorTimeout(f"no reply within {timeout:g}s") from None
+            code: grpc.StatusCode = err.code()
+            raise ProcessorStreamError(code.value[0], err.details() or "") from None
+        finally:
+            Watchdog.disarm(timer)
+        if self._expired:
+            raise ProcessorTimeout(f"no reply within {timeout:g}s")
+        return response
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def close(self) -> None:
+        """Half-close, then cancel, as Envoy does at the end of an exchange."""
+        if self._call is not None:
+            self._queue.put(None)
+            self._call.cancel()
+            self._call = None

@@ -1,0 +1,202 @@
+"""The proxy server: a listening socket, a bounded pool of worker threads, keep-alive parking.
+
+A worker owns a connection only while a request is on it. Between requests an idle keep-alive
+connection is parked in the acceptor's selector (gunicorn's gthread model), so idle clients do
+not pin worker threads; it goes back to a worker when readable and is closed once idle too long.
+Stopping closes the listener and the parked connections, then lets in-flight requests finish
+within the drain timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import selectors
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from extproc.config import Address, ProxyConfig
+from extproc.io.driver import ConnectionHandler, Downstream
+from extproc.io.processor import ProcessorClient
+from extproc.io.upstream import UpstreamPool
+
+log = structlog.get_logger("extproc.server")
+
+_SWEEP_INTERVAL = 1.0
+
+
+def bind(address: Address, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ProxyServer:
+    """One proxy process's listener, workers, upstream pool and processor channel."""
+
+    def __init__(self, config: ProxyConfig, listener: socket.socket | None = None) -> None:
+        self.config = config
+        self.pool = UpstreamPool(config.upstream)
+        self.processor = ProcessorClient(config.processor)
+        self.handler = ConnectionHandler(config, self.pool, self.processor)
+        self._listener = listener if listener is not None else bind(config.listen)
+        self._listener.setblocking(False)
+        self._executor = ThreadPoolExecutor(config.threads, thread_name_prefix="extproc-worker")
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._returned: queue.SimpleQueue[Downstream] = queue.SimpleQueue()
+        self._parked: dict[int, tuple[Downstream, float]] = {}
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._inflight = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._listener.getsockname()[:2]
+        return str(host), int(port)
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> ProxyServer:
+        """Serve on a background thread (embedding, tests)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="extproc-acceptor")
+        self._thread.start()
+        return self
+
+    def request_stop(self) -> None:
+        """Ask the acceptor loop to stop; safe from a signal handler."""
+        self._stop.set()
+        self.handler.draining.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def stop(self) -> None:
+        """Stop accepting, drain in-flight requests, release everything. Idempotent."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def serve_forever(self) -> None:
+        host, port = self.address
+        upstream = self.config.upstream
+        log.info(
+            "listening",
+            address=f"{host}:{port}",
+            upstream=f"{upstream.host}:{upstream.port}",
+            processor=self.config.processor.target,
+            threads=self.config.threads,
+        )
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        next_sweep = time.monotonic() + _SWEEP_INTERVAL
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=_SWEEP_INTERVAL):
+                if key.fileobj is self._listener:
+                    self._accept()
+                elif key.fileobj is self._wake_r:
+                    self._take_returned()
+                else:
+                    self._unpark(key.fd)
+            now = time.monotonic()
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + _SWEEP_INTERVAL
+
+    def _shutdown(self) -> None:
+        self._selector.close()
+        self._listener.close()
+        for down, _ in self._parked.values():
+            down.conn.close()
+        self._parked.clear()
+        deadline = time.monotonic() + self.config.timeouts.drain
+        with self._idle:
+            while self._inflight and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            unfinished = self._inflight
+        self._executor.shutdown(wait=unfinished == 0, cancel_futures=True)
+        while not self._returned.empty():
+            self._returned.get().conn.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self.pool.close()
+        self.processor.close()
+        log.info("stopped", unfinished_requests=unfinished)
+
+    # Connections ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # EMFILE and friends: keep serving what we have rather than spin.
+                log.warning("accept_failed", error=str(err))
+                return
+            sock.setblocking(True)
+            down = Downstream.accept(sock, peer, self.config.max_request_head_bytes)
+            self._submit(down)
+
+    def _submit(self, down: Downstream) -> None:
+        with self._idle:
+            self._inflight += 1
+        self._executor.submit(self._work, down)
+
+    def _work(self, down: Downstream) -> None:
+        try:
+            keep = self.handler.serve(down)
+        except Exception:
+            log.exception("worker_error")
+            down.conn.close()
+            keep = False
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+        if keep:
+            self._returned.put(down)
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
+
+    def _take_returned(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(4096)
+        deadline = time.monotonic() + self.config.timeouts.idle
+        while not self._returned.empty():
+            down = self._returned.get()
+            sock = down.conn.sock
+            self._parked[sock.fileno()] = (down, deadline)
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _unpark(self, fd: int) -> None:
+        down, _ = self._parked.pop(fd)
+        self._selector.unregister(down.conn.sock)
+        self._submit(down)
+
+    def _sweep(self, now: float) -> None:
+        expired = [fd for fd, (_, deadline) in self._parked.items() if deadline <= now]
+        for fd in expired:
+            down, _ = self._parked.pop(fd)
+            self._selector.unregister(down.conn.sock)
+            down.conn.close()
