@@ -231,7 +231,7 @@ class _RequestRun:
             self.down.conn.next_event(self.h.config.timeouts.client)
         elif self.down.conn.h11.they_are_waiting_for_100_continue:
             self.down.conn.send(
-                h11.InformationalResponse(status_code=100, headers=[]),
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"),
                 self.h.config.timeouts.client,
             )
         local = self._drive(RequestHeadersReceived(headers, not has_body))

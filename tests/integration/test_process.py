@@ -1,0 +1,193 @@
+"""bin/extproc-proxy as a real process: start-up, errors, the demo, SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+import pytest
+
+from tests.support.processor import ScriptedProcessor
+from tests.support.proxy import REPO, request
+from tests.support.rawpeer import ScriptedUpstream
+
+pytestmark = pytest.mark.integration
+
+BIN = str(REPO / "bin" / "extproc-proxy")
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _lines(stream: IO[str], sink: list[str], found: threading.Event, pattern: str) -> None:
+    for line in stream:
+        sink.append(line)
+        if re.search(pattern, line):
+            found.set()
+
+
+@contextmanager
+def process(*args: str, ready: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Start the command, wait until a line matching ``ready`` appears, stop it at the end."""
+    proc = subprocess.Popen(
+        [BIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    lines: list[str] = []
+    found = threading.Event()
+    readers = [
+        threading.Thread(target=_lines, args=(s, lines, found, ready), daemon=True)
+        for s in (proc.stdout, proc.stderr)
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        assert found.wait(30), "".join(lines)
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for reader in readers:
+            reader.join(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def listening_port(lines: list[str]) -> int:
+    for line in lines:
+        if '"listening"' in line:
+            return int(json.loads(line)["address"].rsplit(":", 1)[1])
+    raise AssertionError("".join(lines))
+
+
+def test_version() -> None:
+    out = subprocess.run(
+        [BIN, "--version"], capture_output=True, text=True, timeout=60, env=ENV, check=True
+    )
+    assert re.match(r"extproc-proxy, version \d+\.\d+\.\d+", out.stdout)
+
+
+def test_module_entry_point_matches() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=True,
+    )
+    assert "demo" in out.stdout and "run" in out.stdout
+
+
+def test_config_error_exits_2_and_names_the_field(tmp_path: pytest.TempPathFactory) -> None:
+    path = os.path.join(str(tmp_path), "filter.yaml")
+    with open(path, "w") as f:
+        f.write("processing_mode:\n  request_header_mode: LOUD\n")
+    out = subprocess.run(
+        [
+            BIN,
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--processor",
+            "127.0.0.1:2",
+            "--config",
+            path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+    )
+    assert out.returncode == 2
+    assert "ext_proc.processing_mode.request_header_mode" in out.stderr
+
+
+def test_address_in_use_exits_3() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [
+                BIN,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                "127.0.0.1:1",
+                "--processor",
+                "127.0.0.1:2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+        )
+    assert out.returncode == 3
+    assert "cannot listen" in out.stderr
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(processor: ScriptedProcessor) -> None:
+    go = threading.Event()
+    upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone", go=go)
+    result: dict[str, object] = {}
+    try:
+        with process(
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "{}:{}".format(*upstream.address),
+            "--processor",
+            processor.address,
+            ready='"listening"',
+        ) as (proc, lines):
+            address = ("127.0.0.1", listening_port(lines))
+
+            def in_flight() -> None:
+                result["reply"] = request(address, "GET", "/slow")
+
+            client = threading.Thread(target=in_flight)
+            client.start()
+            assert upstream.received.wait(30)
+            proc.send_signal(signal.SIGTERM)
+            # The listener closes first: new connections are refused while the request drains.
+            refused = threading.Event()
+            for _ in range(300):
+                try:
+                    socket.create_connection(address, timeout=1).close()
+                except OSError:
+                    refused.set()
+                    break
+                threading.Event().wait(0.05)
+            go.set()
+            client.join(30)
+            assert proc.wait(30) == 0
+    finally:
+        go.set()
+        upstream.close()
+    assert refused.is_set()
+    reply = result["reply"]
+    assert getattr(reply, "status", None) == 200 and getattr(reply, "body", None) == b"done"
+    assert any('"stopped"' in line and '"unfinished_requests": 0' in line for line in lines)
+
+
+def test_demo_serves_the_example_processor_and_echo_upstream() -> None:
+    with process("demo", "--listen", "127.0.0.1:0", ready="Stop with Ctrl-C") as (proc, lines):
+        banner = next(line for line in lines if "proxy on" in line)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", banner)[1])  # type: ignore[index]
+        tagged = request(("127.0.0.1", port), "GET", "/hello")
+        blocked = request(("127.0.0.1", port), "GET", "/blocked")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert tagged.status == 200 and tagged.header("x-extproc-demo") == "response-seen"
+    assert b'"x-extproc-demo"' in tagged.body  # the upstream saw the request-side tag
+    assert blocked.status == 403 and blocked.body == b"blocked by the demo processor\n"

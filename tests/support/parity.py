@@ -1,0 +1,185 @@
+"""Normalising what the client, the upstream and the processor saw, for parity comparisons.
+
+A parity test runs one scenario through real Envoy and through extproc and compares the two
+observations with ``==``. These helpers turn raw observations into plain dicts and lists with
+the differences that are there by design removed or masked, each for a stated reason, and
+render a readable diff when the two still differ.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import pprint
+import re
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import json_format
+
+from extproc.demo.upstream import ReceivedRequest
+from tests.support.processor import ProcessorStream
+from tests.support.proxy import Reply
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+UUID_MASK = "<uuid>"
+BODY_LENGTH_MASK = "<length of the body>"
+ECHO_LENGTH_MASK = "<length of the upstream's echo>"
+
+# Envoy adds Date and Server to every response it sends; extproc adds neither.
+_CLIENT_ONLY_ONE_SIDE = frozenset({"date", "server"})
+# Envoy's router adds this to each upstream response before ext_proc sees it.
+_SERVICE_TIME = "x-envoy-upstream-service-time"
+
+HeaderList = list[tuple[str, str]]
+
+
+def _is_envoy_header(name: str) -> bool:
+    return name.lower().startswith("x-envoy-")
+
+
+def mask_request_id(headers: Iterable[tuple[str, str]]) -> HeaderList:
+    """X-Request-Id values masked when they are UUIDs (both proxies generate a fresh one)."""
+    return [
+        (n, UUID_MASK if n.lower() == "x-request-id" and _UUID.fullmatch(v) else v)
+        for n, v in headers
+    ]
+
+
+def upstream_headers(headers: Iterable[Sequence[str]]) -> HeaderList:
+    """Headers an upstream received: x-envoy-* dropped (Envoy's router adds
+    x-envoy-expected-rq-timeout-ms), X-Request-Id masked."""
+    pairs = [(str(h[0]), str(h[1])) for h in headers]
+    return mask_request_id((n, v) for n, v in pairs if not _is_envoy_header(n))
+
+
+def has_request_id(headers: Iterable[Sequence[str]]) -> bool:
+    return any(str(h[0]).lower() == "x-request-id" and h[1] for h in headers)
+
+
+def upstream_view(received: Sequence[ReceivedRequest]) -> list[dict[str, Any]]:
+    """What the upstream got, request by request ([] when it got nothing)."""
+    return [
+        {
+            "method": r.method,
+            "target": r.target,
+            "headers": upstream_headers(r.headers),
+            "body": r.body,
+            "trailers": r.trailers,
+        }
+        for r in received
+    ]
+
+
+def echo_length(received: ReceivedRequest) -> int:
+    """The length of EchoUpstream's reply body to ``received`` (mirrors EchoUpstream._reply).
+
+    The echo repeats the headers the upstream got, x-envoy-* included, so its length differs
+    between the proxies by design; this lets the response's Content-Length be masked only when
+    it is exactly what the upstream sent.
+    """
+    payload = {
+        "method": received.method,
+        "target": received.target,
+        "headers": received.headers,
+        "body": received.body.decode("utf-8", "replace"),
+        "trailers": received.trailers,
+    }
+    return len(json.dumps(payload, indent=1).encode() + b"\n")
+
+
+def client_view(reply: Reply) -> dict[str, Any]:
+    """What the client got: status, headers, body (an upstream echo is normalised) and
+    trailers."""
+    headers: HeaderList = []
+    for name, value in reply.headers:
+        if name in _CLIENT_ONLY_ONE_SIDE or _is_envoy_header(name):
+            continue
+        if name == "content-length" and value == str(len(reply.body)):
+            # The echo body's length differs by design (see echo_length); what matters is
+            # that the framing matches the body actually sent.
+            value = BODY_LENGTH_MASK
+        headers.append((name, value))
+    return {
+        "http_version": reply.http_version,
+        "status": reply.status,
+        "headers": headers,
+        "body": _client_body(reply),
+        "trailers": reply.trailers,
+    }
+
+
+def _client_body(reply: Reply) -> Any:
+    """The body; EchoUpstream's JSON with its header list normalised as upstream_headers."""
+    if reply.header("content-type") != "application/json":
+        return reply.body
+    try:
+        payload = json.loads(reply.body)
+    except ValueError:
+        return reply.body
+    if isinstance(payload, dict) and isinstance(payload.get("headers"), list):
+        payload["headers"] = upstream_headers(payload["headers"])
+    return payload
+
+
+def processor_view(
+    streams: Sequence[ProcessorStream], echo: int | None
+) -> list[list[dict[str, Any]]]:
+    """The messages each Process stream carried, in order.
+
+    ``echo`` is the length of the upstream's reply body, when there was one: a response's
+    Content-Length equal to it is masked (see echo_length).
+    """
+    return [[message_view(m, echo) for m in stream.requests] for stream in streams]
+
+
+def message_view(request: ep.ProcessingRequest, echo: int | None = None) -> dict[str, Any]:
+    kind = request.WhichOneof("request")
+    view: dict[str, Any] = {"kind": kind}
+    if kind in ("request_headers", "response_headers"):
+        message = getattr(request, kind)
+        pairs = [(h.key, bytes(h.raw_value).decode("latin-1")) for h in message.headers.headers]
+        if kind == "response_headers":
+            pairs = [_mask_echo_length(n, v, echo) for n, v in pairs if n != _SERVICE_TIME]
+        view["headers"] = mask_request_id(pairs)
+        # A `value` filled instead of raw_value would be a difference too.
+        view["value_fields"] = [h.key for h in message.headers.headers if h.value]
+        view["end_of_stream"] = message.end_of_stream
+    view["protocol_config"] = (
+        json_format.MessageToDict(request.protocol_config)
+        if request.HasField("protocol_config")
+        else None
+    )
+    view["metadata_context"] = request.HasField("metadata_context")
+    return view
+
+
+def _mask_echo_length(name: str, value: str, echo: int | None) -> tuple[str, str]:
+    if name == "content-length" and echo is not None and value == str(echo):
+        return name, ECHO_LENGTH_MASK
+    return name, value
+
+
+def readable_diff(expected: Any, actual: Any, labels: tuple[str, str]) -> str:
+    """A unified diff of the pretty-printed values."""
+    left = pprint.pformat(expected, width=100, sort_dicts=False).splitlines()
+    right = pprint.pformat(actual, width=100, sort_dicts=False).splitlines()
+    return "\n" + "\n".join(
+        difflib.unified_diff(left, right, fromfile=labels[0], tofile=labels[1], lineterm="")
+    )
+
+
+@contextmanager
+def refused_port() -> Iterator[tuple[str, int]]:
+    """A loopback port that refuses connections: bound (so no one else takes it), never
+    listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        host, port = sock.getsockname()[:2]
+        yield str(host), int(port)
+    finally:
+        sock.close()

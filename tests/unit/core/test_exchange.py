@@ -1,0 +1,305 @@
+"""The ext_proc exchange as a pure state machine: events in, actions out, no I/O."""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from extproc.core.exchange import (
+    Action,
+    CloseStream,
+    Direction,
+    Exchange,
+    ForwardHeaders,
+    MessageTimedOut,
+    ProcessorClosed,
+    ProcessorReplied,
+    RequestHeadersReceived,
+    RespondLocally,
+    ResponseHeadersReceived,
+    SendToProcessor,
+)
+from extproc.core.mutations import MutationRules
+from extproc.core.settings import ExchangeSettings
+from extproc.models import Headers
+
+REQUEST = Headers(
+    [
+        (b":authority", b"example.com"),
+        (b":path", b"/"),
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b"x-a", b"1"),
+    ]
+)
+RESPONSE = Headers([(b":status", b"200"), (b"content-length", b"2")])
+
+
+def settings(**kw: object) -> ExchangeSettings:
+    return ExchangeSettings(**kw)  # type: ignore[arg-type]
+
+
+def mode(**kw: int) -> ProcessingMode:
+    return ProcessingMode(**kw)
+
+
+def set_header(name: str, value: bytes) -> ep.CommonResponse:
+    return ep.CommonResponse(
+        header_mutation=ep.HeaderMutation(
+            set_headers=[
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, raw_value=value))
+            ]
+        )
+    )
+
+
+def reply(**kw: object) -> ProcessorReplied:
+    return ProcessorReplied(ep.ProcessingResponse(**kw))
+
+
+def sent(actions: list[Action]) -> ep.ProcessingRequest:
+    assert len(actions) == 1 and isinstance(actions[0], SendToProcessor), actions
+    return actions[0].request
+
+
+def test_default_mode_sends_both_header_phases_then_closes() -> None:
+    ex = Exchange(settings())
+    first = sent(ex.handle(RequestHeadersReceived(REQUEST.copy(), True)))
+    assert first.WhichOneof("request") == "request_headers"
+    assert first.request_headers.end_of_stream
+    assert first.HasField("protocol_config") and first.HasField("metadata_context")
+    assert [(h.key, h.raw_value, h.value) for h in first.request_headers.headers.headers][:2] == [
+        (":authority", b"example.com", ""),
+        (":path", b"/", ""),
+    ]
+    assert bool(ex.awaiting_reply)
+
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse(response=set_header("x-b", b"2"))))
+    assert len(actions) == 1 and isinstance(actions[0], ForwardHeaders)
+    assert actions[0].direction is Direction.REQUEST
+    assert actions[0].headers.get(b"x-b") == b"2"
+    assert not ex.awaiting_reply
+
+    second = sent(ex.handle(ResponseHeadersReceived(RESPONSE.copy(), False)))
+    assert second.WhichOneof("request") == "response_headers"
+    assert not second.HasField("protocol_config")
+    assert not second.response_headers.end_of_stream
+
+    actions = ex.handle(reply(response_headers=ep.HeadersResponse()))
+    assert [type(a) for a in actions] == [ForwardHeaders, CloseStream]
+    assert ex.complete and ex.outcome.messages_sent == 2 and ex.outcome.messages_received == 2
+
+
+def test_skip_both_sends_nothing() -> None:
+    ex = Exchange(
+        settings(
+            processing_mode=mode(
+                request_header_mode=ProcessingMode.SKIP, response_header_mode=ProcessingMode.SKIP
+            )
+        )
+    )
+    assert ex.handle(RequestHeadersReceived(REQUEST, True)) == [
+        ForwardHeaders(Direction.REQUEST, REQUEST)
+    ]
+    assert ex.handle(ResponseHeadersReceived(RESPONSE, True)) == [
+        ForwardHeaders(Direction.RESPONSE, RESPONSE)
+    ]
+    assert not ex.stream_open
+
+
+def test_skip_response_closes_after_request_headers_reply() -> None:
+    ex = Exchange(settings(processing_mode=mode(response_header_mode=ProcessingMode.SKIP)))
+    sent(ex.handle(RequestHeadersReceived(REQUEST.copy(), True)))
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse()))
+    assert [type(a) for a in actions] == [ForwardHeaders, CloseStream]
+
+
+def test_skip_request_headers_opens_stream_on_response_with_protocol_config() -> None:
+    ex = Exchange(settings(processing_mode=mode(request_header_mode=ProcessingMode.SKIP)))
+    assert isinstance(ex.handle(RequestHeadersReceived(REQUEST, True))[0], ForwardHeaders)
+    message = sent(ex.handle(ResponseHeadersReceived(RESPONSE, True)))
+    assert message.HasField("protocol_config")
+
+
+def immediate(code: int = 403, body: bytes = b"denied", details: str = "x y") -> ProcessorReplied:
+    response = ep.ImmediateResponse(
+        body=body, details=details, headers=set_header("x-i", b"1").header_mutation
+    )
+    if code:
+        response.status.code = code
+    return reply(immediate_response=response)
+
+
+def local(actions: list[Action]) -> RespondLocally:
+    assert isinstance(actions[0], CloseStream), actions
+    assert isinstance(actions[1], RespondLocally), actions
+    return actions[1]
+
+
+def test_immediate_response_on_request_headers() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    out = local(ex.handle(immediate()))
+    assert out.status == 403 and out.body == b"denied" and out.details == "x_y"
+    assert out.headers.regular() == [
+        (b"x-i", b"1"),
+        (b"content-length", b"6"),
+        (b"content-type", b"text/plain"),
+    ]
+    assert ex.complete and ex.outcome.immediate_response
+    assert ex.handle(reply(request_headers=ep.HeadersResponse())) == []
+
+
+def test_immediate_response_without_status_or_below_200_is_200() -> None:
+    for code in (0, 100):
+        ex = Exchange(settings())
+        ex.handle(RequestHeadersReceived(REQUEST, True))
+        assert local(ex.handle(immediate(code))).status == 200
+
+
+def test_immediate_response_empty_body_has_no_length_or_type() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    out = local(ex.handle(immediate(302, b"")))
+    assert out.headers.get(b"content-length") is None
+    assert out.headers.get(b"content-type") is None
+
+
+def test_immediate_response_on_response_headers() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(reply(request_headers=ep.HeadersResponse()))
+    ex.handle(ResponseHeadersReceived(RESPONSE, False))
+    assert local(ex.handle(immediate(401))).status == 401
+
+
+def test_disabled_immediate_response_is_spurious() -> None:
+    ex = Exchange(settings(disable_immediate_response=True))
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    out = local(ex.handle(immediate()))
+    assert out.status == 500
+    assert out.details == "unhandled_immediate_response_due_to_config_disabled_it"
+    assert ex.outcome.spurious == 1
+
+
+def test_spurious_reply_fails_closed_with_status_on_error() -> None:
+    ex = Exchange(settings(status_on_error=503))
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    out = local(ex.handle(reply(response_headers=ep.HeadersResponse())))
+    assert (out.status, out.details, out.body) == (503, "spurious_message", b"")
+
+
+def test_empty_reply_is_unhandled() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    assert local(ex.handle(reply())).details == "unhandled_message"
+
+
+def test_spurious_reply_fails_open_with_failure_mode_allow() -> None:
+    ex = Exchange(settings(failure_mode_allow=True))
+    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    actions = ex.handle(reply(response_headers=ep.HeadersResponse()))
+    assert actions == [CloseStream(), ForwardHeaders(Direction.REQUEST, REQUEST)]
+    assert ex.outcome.failed_open
+    assert ex.handle(ResponseHeadersReceived(RESPONSE, True)) == [
+        ForwardHeaders(Direction.RESPONSE, RESPONSE)
+    ]
+
+
+def test_grpc_error_fails_closed() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    out = local(ex.handle(ProcessorClosed(13, "boom")))
+    assert (out.status, out.details) == (500, "ext_proc_error_gRPC_error_13{boom}")
+
+
+def test_grpc_error_fails_open_unmodified() -> None:
+    ex = Exchange(settings(failure_mode_allow=True))
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    assert ex.handle(ProcessorClosed(14, "down")) == [
+        CloseStream(),
+        ForwardHeaders(Direction.REQUEST, REQUEST),
+    ]
+    assert ex.outcome.stream_error == 14
+
+
+def test_timeout_is_504_not_status_on_error() -> None:
+    ex = Exchange(settings(status_on_error=503))
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    out = local(ex.handle(MessageTimedOut()))
+    assert (out.status, out.details) == (504, "ext_proc_error_per-message_timeout_exceeded")
+
+
+def test_timeout_fails_open_with_failure_mode_allow() -> None:
+    ex = Exchange(settings(failure_mode_allow=True))
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(reply(request_headers=ep.HeadersResponse()))
+    ex.handle(ResponseHeadersReceived(RESPONSE, True))
+    assert ex.handle(MessageTimedOut()) == [
+        CloseStream(),
+        ForwardHeaders(Direction.RESPONSE, RESPONSE),
+    ]
+
+
+def test_ok_close_releases_unmodified_and_stops_processing() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    assert ex.handle(ProcessorClosed(0)) == [
+        CloseStream(),
+        ForwardHeaders(Direction.REQUEST, REQUEST),
+    ]
+    assert ex.outcome.server_closed and not ex.outcome.failed_open
+    assert ex.handle(ResponseHeadersReceived(RESPONSE, True)) == [
+        ForwardHeaders(Direction.RESPONSE, RESPONSE)
+    ]
+
+
+def test_mutation_error_fails_closed_even_with_failure_mode_allow() -> None:
+    ex = Exchange(settings(failure_mode_allow=True))
+    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    out = local(
+        ex.handle(
+            reply(request_headers=ep.HeadersResponse(response=set_header("x-a", b"bad\r\nvalue")))
+        )
+    )
+    assert (out.status, out.details) == (500, "header_mutation_set_contains_invalid_character")
+
+
+def test_rejected_mutations_are_counted_and_request_continues() -> None:
+    ex = Exchange(settings(rules=MutationRules()))
+    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    actions = ex.handle(
+        reply(request_headers=ep.HeadersResponse(response=set_header("x-envoy-a", b"1")))
+    )
+    assert isinstance(actions[0], ForwardHeaders)
+    assert ex.outcome.rejected_mutations == 1
+
+
+def test_continue_and_replace_may_change_method() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    common = set_header(":method", b"POST")
+    common.status = ep.CommonResponse.CONTINUE_AND_REPLACE
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse(response=common)))
+    assert isinstance(actions[0], ForwardHeaders)
+    assert actions[0].headers.get(b":method") == b"POST"
+
+
+def test_override_message_timeout_is_not_the_reply() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+    response.override_message_timeout.FromMilliseconds(500)
+    assert ex.handle(ProcessorReplied(response)) == []
+    assert ex.awaiting_reply
+
+
+def test_late_error_after_completion_changes_nothing() -> None:
+    ex = Exchange(settings())
+    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(reply(request_headers=ep.HeadersResponse()))
+    ex.handle(ResponseHeadersReceived(RESPONSE, True))
+    ex.handle(reply(response_headers=ep.HeadersResponse()))
+    assert ex.handle(ProcessorClosed(1, "cancelled")) == []
+    assert ex.handle(MessageTimedOut()) == []

@@ -1,0 +1,261 @@
+"""Configuration: Envoy's ExternalProcessor from YAML/JSON, flags over file, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from extproc.config import (
+    Address,
+    FileConfig,
+    Overrides,
+    build_config,
+    load_file,
+    parse_address,
+    parse_duration,
+    parse_file_data,
+    parse_filter,
+)
+from extproc.errors import ConfigError
+
+BASE = Overrides(listen=":8080", upstream="127.0.0.1:8000", processor="127.0.0.1:9000")
+
+
+def error_of(call: object, *args: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        call(*args)  # type: ignore[operator]
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (":8080", Address("0.0.0.0", 8080)),
+        ("127.0.0.1:1", Address("127.0.0.1", 1)),
+        ("[::1]:80", Address("::1", 80)),
+        ("example.com:443", Address("example.com", 443)),
+    ],
+)
+def test_parse_address(value: str, expected: Address) -> None:
+    assert parse_address(value, "--listen") == expected
+
+
+@pytest.mark.parametrize("value", ["8080", "host:", "host:99999", "[::1]", "a:b:c"])
+def test_parse_address_errors_name_the_option(value: str) -> None:
+    assert error_of(parse_address, value, "--listen").option == "--listen"
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("200ms", "x") == 0.2
+    assert parse_duration("1.5s", "x") == 1.5
+    assert parse_duration("2", "x") == 2.0
+    assert error_of(parse_duration, "soon", "--message-timeout").option == "--message-timeout"
+
+
+@pytest.mark.parametrize(
+    ("data", "option"),
+    [
+        ({"foo": 1}, "ext_proc.foo"),
+        ({"processing_mode": {"bogus": 1}}, "ext_proc.processing_mode.bogus"),
+        (
+            {"processing_mode": {"request_header_mode": "LOUD"}},
+            "ext_proc.processing_mode.request_header_mode",
+        ),
+        ({"message_timeout": "soon"}, "ext_proc.message_timeout"),
+        ({"failure_mode_allow": "yes"}, "ext_proc.failure_mode_allow"),
+        (
+            {"typed_config": {"@type": "type.googleapis.com/other.Thing"}},
+            "ext_proc.typed_config.@type",
+        ),
+    ],
+    ids=["unknown", "nested-unknown", "bad-enum", "bad-duration", "bad-bool", "wrong-type-url"],
+)
+def test_filter_errors_name_the_field(data: dict[str, object], option: str) -> None:
+    assert error_of(parse_filter, data, "ext_proc").option == option
+
+
+def test_filter_accepts_an_envoy_http_filters_entry() -> None:
+    message = parse_filter(
+        {
+            "name": "envoy.filters.http.ext_proc",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3"
+                ".ExternalProcessor",
+                "failure_mode_allow": True,
+                "processingMode": {"responseHeaderMode": "SKIP"},
+            },
+        },
+        "ext_proc",
+    )
+    assert message.failure_mode_allow
+    assert message.processing_mode.response_header_mode == message.processing_mode.SKIP
+
+
+@pytest.mark.parametrize(
+    ("data", "option"),
+    [
+        ({"observability_mode": True}, "ext_proc.observability_mode"),
+        (
+            {"processing_mode": {"request_body_mode": "BUFFERED"}},
+            "ext_proc.processing_mode.request_body_mode",
+        ),
+        (
+            {"processing_mode": {"response_trailer_mode": "SEND"}},
+            "ext_proc.processing_mode.response_trailer_mode",
+        ),
+        (
+            {
+                "grpc_service": {
+                    "google_grpc": {"target_uri": "x:1", "stat_prefix": "p"},
+                    "retry_policy": {},
+                }
+            },
+            "ext_proc.grpc_service.retry_policy",
+        ),
+        ({"message_timeout": "4000s"}, "ext_proc.message_timeout"),
+    ],
+    ids=["observability", "body-mode", "trailer-mode", "grpc-retry", "timeout-range"],
+)
+def test_unsupported_fields_are_refused_by_name(data: dict[str, object], option: str) -> None:
+    file = FileConfig(filter=parse_filter(data, "ext_proc"))
+    assert error_of(build_config, file, BASE).option == option
+
+
+def test_google_grpc_target_and_initial_metadata_and_timeout() -> None:
+    file = FileConfig(
+        filter=parse_filter(
+            {
+                "grpc_service": {
+                    "google_grpc": {"target_uri": "127.0.0.1:7000", "stat_prefix": "ext"},
+                    "timeout": "3s",
+                    "initial_metadata": [{"key": "X-Token", "value": "t"}],
+                }
+            },
+            "ext_proc",
+        )
+    )
+    config = build_config(file, Overrides(listen=":1", upstream="127.0.0.1:2"))
+    assert config.processor.target == "127.0.0.1:7000"
+    assert config.processor.stream_timeout == 3.0
+    assert config.processor.metadata == (("x-token", "t"),)
+
+
+def test_processor_flag_overrides_the_file() -> None:
+    file = FileConfig(
+        filter=parse_filter(
+            {"grpc_service": {"google_grpc": {"target_uri": "127.0.0.1:7000"}}}, "ext_proc"
+        )
+    )
+    assert build_config(file, BASE).processor.target == "127.0.0.1:9000"
+
+
+def test_envoy_grpc_cluster_resolved_through_clusters() -> None:
+    file = parse_file_data(
+        {
+            "listen": ":8080",
+            "upstream": "127.0.0.1:8000",
+            "clusters": {"ext_proc_cluster": "127.0.0.1:9100"},
+            "ext_proc": {"grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc_cluster"}}},
+        }
+    )
+    config = build_config(file, Overrides())
+    assert config.processor.target == "127.0.0.1:9100"
+    assert config.processor.authority == "ext_proc_cluster"
+    assert config.listen == Address("0.0.0.0", 8080)
+
+
+def test_envoy_grpc_unknown_cluster_is_an_error() -> None:
+    file = FileConfig(
+        filter=parse_filter({"grpc_service": {"envoy_grpc": {"cluster_name": "nope"}}}, "ext_proc")
+    )
+    err = error_of(build_config, file, Overrides(listen=":1", upstream="127.0.0.1:2"))
+    assert err.option == "ext_proc.grpc_service.envoy_grpc.cluster_name"
+    assert "--cluster nope=HOST:PORT" in err.message
+
+
+def test_cluster_flag_resolves_too() -> None:
+    file = FileConfig(
+        filter=parse_filter({"grpc_service": {"envoy_grpc": {"cluster_name": "c"}}}, "ext_proc")
+    )
+    flags = Overrides(listen=":1", upstream="127.0.0.1:2", clusters={"c": "127.0.0.1:5"})
+    assert build_config(file, flags).processor.target == "127.0.0.1:5"
+
+
+def test_no_processor_is_an_error() -> None:
+    assert error_of(build_config, None, Overrides(listen=":1", upstream="h:2")).option == (
+        "--processor"
+    )
+
+
+def test_unknown_top_level_key_in_extproc_file() -> None:
+    assert error_of(parse_file_data, {"ext_proc": {}, "listne": ":1"}).option == "listne"
+
+
+def test_flags_override_filter_fields() -> None:
+    file = FileConfig(
+        filter=parse_filter(
+            {
+                "failure_mode_allow": True,
+                "message_timeout": "1s",
+                "processing_mode": {"request_header_mode": "SKIP"},
+            },
+            "ext_proc",
+        )
+    )
+    flags = Overrides(
+        listen=":1",
+        upstream="127.0.0.1:2",
+        processor="127.0.0.1:3",
+        failure_mode_allow=False,
+        message_timeout="50ms",
+        request_header_mode="send",
+        status_on_error=503,
+    )
+    exchange = build_config(file, flags).exchange
+    assert not exchange.failure_mode_allow
+    assert exchange.message_timeout == 0.05
+    assert exchange.processing_mode.request_header_mode == exchange.processing_mode.SEND
+    assert exchange.status_on_error == 503
+
+
+def test_status_on_error_outside_4xx_5xx_means_500() -> None:
+    file = FileConfig(filter=parse_filter({"status_on_error": {"code": 302}}, "ext_proc"))
+    assert build_config(file, BASE).exchange.status_on_error == 500
+
+
+def test_mutation_rules_are_compiled() -> None:
+    file = FileConfig(
+        filter=parse_filter(
+            {
+                "mutation_rules": {
+                    "allow_all_routing": True,
+                    "disallow_expression": {"regex": "x-secret.*"},
+                }
+            },
+            "ext_proc",
+        )
+    )
+    rules = build_config(file, BASE).exchange.rules
+    assert rules.allow_all_routing
+    assert rules.disallow_expression is not None
+    assert rules.disallow_expression.fullmatch(b"x-secret-1")
+
+
+def test_load_file_yaml_and_json(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "filter.yaml"
+    yaml_file.write_text("failure_mode_allow: true\nmessage_timeout: 0.5s\n")
+    assert load_file(yaml_file).filter.failure_mode_allow
+    json_file = tmp_path / "filter.json"
+    json_file.write_text('{"failureModeAllow": true}')
+    assert load_file(json_file).filter.failure_mode_allow
+
+
+def test_load_file_errors(tmp_path: Path) -> None:
+    assert "cannot read" in error_of(load_file, tmp_path / "missing.yaml").message
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [\n")
+    assert "not valid YAML" in error_of(load_file, bad).message
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    assert "mapping" in error_of(load_file, listy).message
