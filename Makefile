@@ -29,8 +29,8 @@ demo: venv
 	$(BIN)/extproc-proxy demo
 
 lint: venv
-	$(BIN)/ruff check extproc tests bench
-	$(BIN)/ruff format --check extproc tests bench
+	$(BIN)/ruff check extproc tests $(wildcard bench)
+	$(BIN)/ruff format --check extproc tests $(wildcard bench)
 
 typecheck: venv
 	$(BIN)/mypy

@@ -299,9 +299,11 @@ class _RequestRun:
             event = conn.next_event(self.h.config.timeouts.upstream)
             if isinstance(event, h11.Response):
                 break
-            if isinstance(event, h11.ConnectionClosed):
-                raise ConnectionResetError("upstream closed before the response head")
-            # 1xx: Expect was answered here and Upgrade is stripped, so these are dropped.
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                # PAUSED: a protocol switch, which the proxy never asked for (Upgrade and
+                # CONNECT are not forwarded as such).
+                raise ConnectionResetError("upstream closed or switched protocols")
+            # Other 1xx: Expect was answered here, so these are dropped.
         allowed = wire.response_may_have_body(event.status_code, self.method)
         length = wire.response_body_length(event.headers) if allowed else 0
         return _Response(

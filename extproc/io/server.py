@@ -1,8 +1,9 @@
 """The proxy server: a listening socket, a bounded pool of worker threads, keep-alive parking.
 
-A worker owns a connection only while a request is on it. Between requests an idle keep-alive
-connection is parked in the acceptor's selector (gunicorn's gthread model), so idle clients do
-not pin worker threads; it goes back to a worker when readable and is closed once idle too long.
+A worker owns a connection only while a request is on it. A new connection, and a keep-alive
+connection between requests, is parked in the acceptor's selector (gunicorn's gthread model),
+so idle clients do not pin worker threads; it goes to a worker when readable and is closed once
+idle too long.
 Stopping closes the listener and the parked connections, then lets in-flight requests finish
 within the drain timeout.
 """
@@ -156,7 +157,9 @@ class ProxyServer:
                 return
             sock.setblocking(True)
             down = Downstream.accept(sock, peer, self.config.max_request_head_bytes)
-            self._submit(down)
+            # A new connection waits in the selector too, so a client that connects and sends
+            # nothing costs no worker thread; it is dropped after the header read timeout.
+            self._park(down, time.monotonic() + self.config.timeouts.request_headers)
 
     def _submit(self, down: Downstream) -> None:
         with self._idle:
@@ -184,10 +187,12 @@ class ProxyServer:
             self._wake_r.recv(4096)
         deadline = time.monotonic() + self.config.timeouts.idle
         while not self._returned.empty():
-            down = self._returned.get()
-            sock = down.conn.sock
-            self._parked[sock.fileno()] = (down, deadline)
-            self._selector.register(sock, selectors.EVENT_READ)
+            self._park(self._returned.get(), deadline)
+
+    def _park(self, down: Downstream, deadline: float) -> None:
+        sock = down.conn.sock
+        self._parked[sock.fileno()] = (down, deadline)
+        self._selector.register(sock, selectors.EVENT_READ)
 
     def _unpark(self, fd: int) -> None:
         down, _ = self._parked.pop(fd)

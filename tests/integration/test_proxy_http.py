@@ -263,3 +263,31 @@ def test_request_retried_when_a_kept_alive_upstream_connection_was_closed(
         thread.join(10)
         listener.close()
     assert accepted == [1, 2]
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
+    upstream: EchoUpstream, processor: ScriptedProcessor
+) -> None:
+    from extproc.config import Timeouts
+
+    with (
+        running_proxy(upstream.address, processor.address, timeouts=Timeouts(idle=0.3)) as proxy,
+        Client(proxy.address) as client,
+    ):
+        assert client.request("GET", "/").status == 200
+        # The proxy closes the idle connection: recv sees EOF well before the socket timeout.
+        assert client.sock.recv(1) == b""
+
+
+def test_silent_new_connection_is_dropped_without_holding_a_worker(
+    upstream: EchoUpstream, processor: ScriptedProcessor
+) -> None:
+    from extproc.config import Timeouts
+
+    with running_proxy(
+        upstream.address, processor.address, threads=1, timeouts=Timeouts(request_headers=0.5)
+    ) as proxy:
+        with socket.create_connection(proxy.address, timeout=10) as silent:
+            # The only worker thread is free for others while this client says nothing.
+            assert request(proxy.address, "GET", "/").status == 200
+            assert silent.recv(1) == b""
