@@ -284,10 +284,12 @@ def test_silent_new_connection_is_dropped_without_holding_a_worker(
 ) -> None:
     from extproc.config import Timeouts
 
-    with running_proxy(
-        upstream.address, processor.address, threads=1, timeouts=Timeouts(request_headers=0.5)
-    ) as proxy:
-        with socket.create_connection(proxy.address, timeout=10) as silent:
-            # The only worker thread is free for others while this client says nothing.
-            assert request(proxy.address, "GET", "/").status == 200
-            assert silent.recv(1) == b""
+    with (
+        running_proxy(
+            upstream.address, processor.address, threads=1, timeouts=Timeouts(request_headers=0.5)
+        ) as proxy,
+        socket.create_connection(proxy.address, timeout=10) as silent,
+    ):
+        # The only worker thread is free for others while this client says nothing.
+        assert request(proxy.address, "GET", "/").status == 200
+        assert silent.recv(1) == b""
