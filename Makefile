@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 ENVOY_BIN := $(abspath $(ENVOY_VENV))/lib/python3.11/site-packages/envoy/_bin/envoy
 export EXTPROC_ENVOY_BIN ?= $(ENVOY_BIN)
 
-.PHONY: all venv envoy demo test unit lint typecheck soak bench clean
+.PHONY: all venv envoy demo test unit lint typecheck soak bench bench-tools clean
+BENCH_ARGS ?=
 
 all: test
 
@@ -44,8 +45,13 @@ unit: venv
 soak: venv envoy
 	$(BIN)/pytest -m slow
 
-bench: venv envoy
-	$(BIN)/python bench/run.py
+# wrk drives the load, nginx is the fast upstream: both from Debian.
+bench-tools:
+	@command -v wrk >/dev/null && { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || \
+		{ apt-get update && apt-get install -y wrk nginx-light; }
+
+bench: venv envoy bench-tools
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ENVOY_VENV) .mypy_cache .ruff_cache .pytest_cache

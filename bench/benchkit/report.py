@@ -1,0 +1,151 @@
+"""Turn repeated measurements into the Markdown report."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchkit.procs import CpuReading
+from benchkit.wrk import WrkResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One timed wrk run and the CPU used during it."""
+
+    wrk: WrkResult
+    cpu: CpuReading  # differences over the run
+
+    def cpu_us_per_request(self, seconds: float) -> float:
+        return seconds * 1e6 / self.wrk.requests if self.wrk.requests else float("nan")
+
+    @property
+    def target_cpu_us(self) -> float:
+        return self.cpu_us_per_request(self.cpu.target)
+
+    @property
+    def processor_cpu_us(self) -> float:
+        return self.cpu_us_per_request(self.cpu.processor)
+
+    @property
+    def others_share(self) -> float:
+        """Cores' worth of CPU that other processes used during the run (0.25 = a quarter)."""
+        return self.cpu.others / self.cpu.wall if self.cpu.wall > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    workload: str
+    target: str
+    samples: Sequence[Sample]
+
+    def median(self, values: Sequence[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return self.median([s.wrk.rps for s in self.samples])
+
+    @property
+    def p50_us(self) -> float:
+        return self.median([s.wrk.p50_us for s in self.samples])
+
+    @property
+    def p99_us(self) -> float:
+        return self.median([s.wrk.p99_us for s in self.samples])
+
+    @property
+    def cpu_us(self) -> float:
+        return self.median([s.target_cpu_us for s in self.samples])
+
+    @property
+    def processor_cpu_us(self) -> float:
+        return self.median([s.processor_cpu_us for s in self.samples])
+
+    def errors(self) -> str:
+        """Errors summed over all repetitions: one is already worth seeing."""
+        totals: dict[str, int] = {}
+        for sample in self.samples:
+            for kind, count in sample.wrk.errors.items():
+                totals[kind] = totals.get(kind, 0) + count
+        shown = [f"{kind} {count}" for kind, count in totals.items() if count]
+        return ", ".join(shown) if shown else "0"
+
+
+def quietness_note(rows: Sequence[Row]) -> str:
+    """How much CPU processes outside the benchmark took: the numbers are only as good as that."""
+    worst = max(
+        ((s.others_share, row) for row in rows for s in row.samples),
+        key=lambda pair: pair[0],
+        default=None,
+    )
+    if worst is None:
+        return "- no samples"
+    share, row = worst
+    return (
+        f"- CPU used by processes outside the benchmark during the timed runs: at most "
+        f"{share:.0%} of one core ({row.target}, {row.workload})"
+        + (" -- the machine was busy; treat these numbers with care." if share > 0.1 else ".")
+    )
+
+
+def _latency(us: float) -> str:
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load: a busy machine (other jobs sharing the cores) skews everything."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine_lines(tools: dict[str, str]) -> list[str]:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"- date: {now}",
+        f"- nproc: {len(os.sched_getaffinity(0))} (CPU: {_cpu_model()})",
+        f"- kernel: {platform.release()}",
+        f"- python: {platform.python_version()} ({platform.python_implementation()})",
+    ]
+    lines += [f"- {tool}: {version}" for tool, version in tools.items()]
+    return lines
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    lines = [
+        "| workload | target | req/s | p50 | p99 | CPU µs/req | processor CPU µs/req | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.workload} | {row.target} | {row.rps:,.0f} | {_latency(row.p50_us)} "
+            f"| {_latency(row.p99_us)} | {row.cpu_us:.0f} | {row.processor_cpu_us:.0f} "
+            f"| {row.errors()} |"
+        )
+    return lines
+
+
+def render(
+    rows: Sequence[Row], settings: list[str], tools: dict[str, str], notes: list[str]
+) -> str:
+    parts = ["# extproc benchmark", "", *machine_lines(tools), *settings, ""]
+    parts += table(rows)
+    parts += ["", quietness_note(rows), *notes, ""]
+    return "\n".join(parts)
