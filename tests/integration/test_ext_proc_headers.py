@@ -26,20 +26,13 @@ from tests.support.proxy import Client, request, running_proxy
 pytestmark = pytest.mark.integration
 
 
-def answer_request_headers(common: ep.CommonResponse) -> Handler:
+def answer(phase: str, common: ep.CommonResponse) -> Handler:
+    """A processor that answers ``phase`` with ``common`` and every other message plainly."""
+
     def handler(stream: ProcessorStream) -> None:
         while (message := stream.recv()) is not None:
             kind = message.WhichOneof("request")
-            stream.send(matching_reply(message, common if kind == "request_headers" else None))
-
-    return handler
-
-
-def answer_response_headers(common: ep.CommonResponse) -> Handler:
-    def handler(stream: ProcessorStream) -> None:
-        while (message := stream.recv()) is not None:
-            kind = message.WhichOneof("request")
-            stream.send(matching_reply(message, common if kind == "response_headers" else None))
+            stream.send(matching_reply(message, common if kind == phase else None))
 
     return handler
 
@@ -91,7 +84,7 @@ def test_request_header_mutations_reach_the_upstream(upstream: EchoUpstream) -> 
         remove=["x-gone"],
     )
     with (
-        ScriptedProcessor(answer_request_headers(common)) as proc,
+        ScriptedProcessor(answer("request_headers", common)) as proc,
         running_proxy(upstream.address, proc.address, forwarded_for=False) as proxy,
     ):
         reply = request(
@@ -117,7 +110,7 @@ def test_rejected_mutations_are_skipped_and_the_request_continues(upstream: Echo
         remove=[":path"],
     )
     with (
-        ScriptedProcessor(answer_request_headers(common)) as proc,
+        ScriptedProcessor(answer("request_headers", common)) as proc,
         running_proxy(upstream.address, proc.address) as proxy,
     ):
         reply = request(proxy.address, "GET", "/keep")
@@ -130,7 +123,7 @@ def test_rejected_mutations_are_skipped_and_the_request_continues(upstream: Echo
 def test_authority_change_with_allow_all_routing_sets_host(upstream: EchoUpstream) -> None:
     common = mutate_headers(set_headers=[(":authority", "other.example")])
     with (
-        ScriptedProcessor(answer_request_headers(common)) as proc,
+        ScriptedProcessor(answer("request_headers", common)) as proc,
         running_proxy(
             upstream.address,
             proc.address,
@@ -144,7 +137,7 @@ def test_authority_change_with_allow_all_routing_sets_host(upstream: EchoUpstrea
 def test_invalid_mutation_fails_with_500(upstream: EchoUpstream) -> None:
     common = mutate_headers(set_headers=[("x-bad", "a\r\nx-injected: 1")])
     with (
-        ScriptedProcessor(answer_request_headers(common)) as proc,
+        ScriptedProcessor(answer("request_headers", common)) as proc,
         running_proxy(upstream.address, proc.address, failure_mode_allow=True) as proxy,
     ):
         reply = request(proxy.address, "GET", "/")
@@ -157,7 +150,7 @@ def test_response_header_mutations_reach_the_client(upstream: EchoUpstream) -> N
         set_headers=[(":status", "201"), ("x-resp", "1")], remove=["x-echo-connection"]
     )
     with (
-        ScriptedProcessor(answer_response_headers(common)) as proc,
+        ScriptedProcessor(answer("response_headers", common)) as proc,
         running_proxy(upstream.address, proc.address) as proxy,
     ):
         reply = request(proxy.address, "GET", "/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -45,15 +46,23 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
     return key, cert
 
 
-def test_processor_over_tls_with_root_certs_from_a_file(
-    tmp_path: Path, upstream: EchoUpstream
-) -> None:
+@pytest.fixture
+def tls_processor(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """The demo processor behind TLS: its port and the certificate to trust."""
     key, cert = make_cert(tmp_path)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     ep_grpc.add_ExternalProcessorServicer_to_server(DemoProcessor(), server)
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
+    yield port, cert
+    server.stop(grace=None).wait(10)
+
+
+def test_processor_over_tls_with_root_certs_from_a_file(
+    tls_processor: tuple[int, Path], upstream: EchoUpstream
+) -> None:
+    port, cert = tls_processor
     ext_proc = {
         "grpc_service": {
             "google_grpc": {
@@ -63,29 +72,17 @@ def test_processor_over_tls_with_root_certs_from_a_file(
             }
         }
     }
-    try:
-        with running_proxy(upstream.address, None, ext_proc=ext_proc) as proxy:
-            reply = request(proxy.address, "GET", "/hello")
-    finally:
-        server.stop(grace=None).wait(10)
+    with running_proxy(upstream.address, None, ext_proc=ext_proc) as proxy:
+        reply = request(proxy.address, "GET", "/hello")
     assert reply.status == 200
     assert reply.header("x-extproc-demo") == "response-seen"
 
 
 def test_plaintext_client_cannot_talk_to_a_tls_processor(
-    tmp_path: Path, upstream: EchoUpstream
+    tls_processor: tuple[int, Path], upstream: EchoUpstream
 ) -> None:
-    key, cert = make_cert(tmp_path)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    ep_grpc.add_ExternalProcessorServicer_to_server(DemoProcessor(), server)
-    port = server.add_secure_port(
-        "127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-    )
-    server.start()
-    try:
-        with running_proxy(upstream.address, f"127.0.0.1:{port}") as proxy:
-            reply = request(proxy.address, "GET", "/hello")
-    finally:
-        server.stop(grace=None).wait(10)
+    port, _ = tls_processor
+    with running_proxy(upstream.address, f"127.0.0.1:{port}") as proxy:
+        reply = request(proxy.address, "GET", "/hello")
     assert reply.status == 500
     assert upstream.requests == []
