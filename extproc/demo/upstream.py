@@ -2,8 +2,9 @@
 
 Each response is JSON: the method, target, headers (in order, repeated ones kept), body and
 trailers of the request. Query parameters shape the reply: ``status=NNN`` sets the status,
-``chunked=1`` sends the body chunked with an ``x-echo-trailer`` trailer. Every request is also
-kept in :attr:`EchoUpstream.requests` for tests to inspect.
+``chunked=1`` sends the body chunked with an ``x-echo-trailer`` trailer, ``size=N`` replaces the
+JSON by N bytes of a repeating pattern (:func:`pattern`), written in ``writes=K`` separate
+socket writes. Every request is also kept in :attr:`EchoUpstream.requests` for tests.
 """
 
 from __future__ import annotations
@@ -119,14 +120,18 @@ class EchoUpstream:
         query = parse_qs(urlsplit(received.target).query)
         status = int(query.get("status", ["200"])[0])
         chunked = query.get("chunked", ["0"])[0] == "1"
-        payload: dict[str, Any] = {
-            "method": received.method,
-            "target": received.target,
-            "headers": received.headers,
-            "body": received.body.decode("utf-8", "replace"),
-            "trailers": received.trailers,
-        }
-        data = json.dumps(payload, indent=1).encode() + b"\n"
+        writes = int(query.get("writes", ["1"])[0])
+        if "size" in query:
+            data = pattern(int(query["size"][0]))
+        else:
+            payload: dict[str, Any] = {
+                "method": received.method,
+                "target": received.target,
+                "headers": received.headers,
+                "body": received.body.decode("utf-8", "replace"),
+                "trailers": received.trailers,
+            }
+            data = json.dumps(payload, indent=1).encode() + b"\n"
         headers = [
             (b"content-type", b"application/json"),
             (b"x-echo-connection", str(received.connection).encode()),
@@ -140,10 +145,17 @@ class EchoUpstream:
         if received.method == "HEAD":
             data = b""
         conn.send(h11.Response(status_code=status, headers=headers), _TIMEOUT)
-        if data:
-            conn.send(h11.Data(data=data), _TIMEOUT)
+        step = -(-len(data) // writes) if data else 0
+        for start in range(0, len(data), step or 1):
+            conn.send(h11.Data(data=data[start : start + step]), _TIMEOUT)
         trailers = [(b"x-echo-trailer", b"done")] if chunked and data else []
         conn.send(h11.EndOfMessage(headers=trailers), _TIMEOUT)
+
+
+def pattern(size: int) -> bytes:
+    """``size`` bytes of a repeating, position-revealing pattern."""
+    unit = b"0123456789abcdef"
+    return (unit * (size // len(unit) + 1))[:size]
 
 
 def _strs(headers: Any) -> list[tuple[str, str]]:
