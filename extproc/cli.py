@@ -33,6 +33,18 @@ EXIT_CONFIG = 2
 EXIT_STARTUP = 3
 
 _MODES = click.Choice(["send", "skip", "default"], case_sensitive=False)
+_BODY_MODES = click.Choice(
+    ["none", "streamed", "buffered", "buffered_partial", "full_duplex_streamed"],
+    case_sensitive=False,
+)
+_MODE_FLAGS = (
+    "request_header_mode",
+    "response_header_mode",
+    "request_trailer_mode",
+    "response_trailer_mode",
+    "request_body_mode",
+    "response_body_mode",
+)
 
 
 class _RunByDefault(click.Group):
@@ -84,6 +96,37 @@ def _proxy_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=_MODES,
             default=None,
             help="Send response headers to the processor (processing_mode).",
+        ),
+        click.option(
+            "--request-trailer-mode",
+            type=_MODES,
+            default=None,
+            help="Send request trailers to the processor (processing_mode).",
+        ),
+        click.option(
+            "--response-trailer-mode",
+            type=_MODES,
+            default=None,
+            help="Send response trailers to the processor (processing_mode).",
+        ),
+        click.option(
+            "--request-body-mode",
+            type=_BODY_MODES,
+            default=None,
+            help="How request bodies go to the processor (processing_mode).",
+        ),
+        click.option(
+            "--response-body-mode",
+            type=_BODY_MODES,
+            default=None,
+            help="How response bodies go to the processor (processing_mode).",
+        ),
+        click.option(
+            "--buffer-limit-bytes",
+            type=click.IntRange(1),
+            default=1024 * 1024,
+            help="Most a body mode may buffer (Envoy's per_connection_buffer_limit_bytes):"
+            " a BUFFERED body over it gets 413 (request) or 500 (response).",
         ),
         click.option(
             "--status-on-error",
@@ -167,9 +210,8 @@ def _overrides(kw: dict[str, Any], **targets: Any) -> Overrides:
             raise ConfigError("--cluster", f"expected NAME=HOST:PORT, got {item!r}")
         parse_address(target, "--cluster", default_host="127.0.0.1")
         clusters[name] = target
-    mode = {
-        k: (None if kw[k] in (None, "default") else kw[k])
-        for k in ("request_header_mode", "response_header_mode")
+    modes: dict[str, str | None] = {
+        k: (None if kw[k] in (None, "default") else kw[k]) for k in _MODE_FLAGS
     }
     return Overrides(
         clusters=clusters,
@@ -189,7 +231,13 @@ def _overrides(kw: dict[str, Any], **targets: Any) -> Overrides:
         max_request_headers_kb=kw["max_request_headers_kb"],
         max_request_headers_count=kw["max_request_headers_count"],
         forwarded_for=kw["xff"],
-        **mode,
+        buffer_limit_bytes=kw["buffer_limit_bytes"],
+        request_header_mode=modes["request_header_mode"],
+        response_header_mode=modes["response_header_mode"],
+        request_trailer_mode=modes["request_trailer_mode"],
+        response_trailer_mode=modes["response_trailer_mode"],
+        request_body_mode=modes["request_body_mode"],
+        response_body_mode=modes["response_body_mode"],
         **targets,
     )
 

@@ -23,7 +23,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from google.protobuf import json_format
 
 from extproc.core.mutations import HeaderLimits
-from extproc.core.settings import ExchangeSettings
+from extproc.core.settings import DEFAULT_BUFFER_LIMIT, ExchangeSettings
 from extproc.errors import ConfigError
 
 FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -201,6 +201,9 @@ _SUPPORTED_FIELDS = frozenset(
         "mutation_rules",
         "status_on_error",
         "disable_immediate_response",
+        "allow_mode_override",
+        "allowed_override_modes",
+        "send_body_without_waiting_for_header_response",
     }
 )
 _SUPPORTED_GRPC_FIELDS = frozenset({"envoy_grpc", "google_grpc", "timeout", "initial_metadata"})
@@ -212,18 +215,9 @@ def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
     for descriptor, _ in message.ListFields():
         if descriptor.name not in _SUPPORTED_FIELDS:
             raise ConfigError(f"ext_proc.{descriptor.name}", "is not supported by extproc")
-    mode = message.processing_mode
-    for name in ("request_body_mode", "response_body_mode"):
-        if getattr(mode, name) != mode.NONE:
-            raise ConfigError(
-                f"ext_proc.processing_mode.{name}",
-                "only NONE is supported by extproc (bodies pass through unprocessed)",
-            )
-    for name in ("request_trailer_mode", "response_trailer_mode"):
-        if getattr(mode, name) == mode.SEND:
-            raise ConfigError(
-                f"ext_proc.processing_mode.{name}", "SEND is not supported by extproc"
-            )
+    _check_mode(message.processing_mode, "ext_proc.processing_mode", filter_level=True)
+    for i, mode in enumerate(message.allowed_override_modes):
+        _check_mode(mode, f"ext_proc.allowed_override_modes[{i}]", filter_level=False)
     if message.HasField("message_timeout"):
         timeout = message.message_timeout.ToTimedelta().total_seconds()
         if not 0 <= timeout <= _MAX_DURATION:
@@ -233,6 +227,23 @@ def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
         if descriptor.name not in _SUPPORTED_GRPC_FIELDS:
             raise ConfigError(
                 f"ext_proc.grpc_service.{descriptor.name}", "is not supported by extproc"
+            )
+
+
+def _check_mode(mode: Any, where: str, filter_level: bool) -> None:
+    for direction in ("request", "response"):
+        body = getattr(mode, f"{direction}_body_mode")
+        if body == mode.GRPC:
+            raise ConfigError(
+                f"{where}.{direction}_body_mode",
+                "GRPC is for gRPC traffic, which HTTP/1.1 does not carry (Envoy would treat it"
+                " as NONE); use NONE or another body mode",
+            )
+        trailer = getattr(mode, f"{direction}_trailer_mode")
+        if filter_level and body == mode.FULL_DUPLEX_STREAMED and trailer != mode.SEND:
+            raise ConfigError(
+                f"{where}.{direction}_trailer_mode",
+                "must be SEND when the body mode is FULL_DUPLEX_STREAMED (as in Envoy)",
             )
 
 
@@ -329,6 +340,11 @@ class Overrides:
     max_request_headers_kb: int = 60
     max_request_headers_count: int = 100
     forwarded_for: bool = True
+    buffer_limit_bytes: int = DEFAULT_BUFFER_LIMIT
+    request_body_mode: str | None = None
+    response_body_mode: str | None = None
+    request_trailer_mode: str | None = None
+    response_trailer_mode: str | None = None
 
 
 def apply_overrides(
@@ -345,12 +361,19 @@ def apply_overrides(
     if flags.status_on_error is not None:
         merged.status_on_error.code = flags.status_on_error
     mode = merged.processing_mode
-    for flag, name in (
-        (flags.request_header_mode, "request_header_mode"),
-        (flags.response_header_mode, "response_header_mode"),
+    for name in (
+        "request_header_mode",
+        "response_header_mode",
+        "request_trailer_mode",
+        "response_trailer_mode",
     ):
+        flag = getattr(flags, name)
         if flag is not None:
             setattr(mode, name, mode.HeaderSendMode.Value(flag.upper()))
+    for name in ("request_body_mode", "response_body_mode"):
+        flag = getattr(flags, name)
+        if flag is not None:
+            setattr(mode, name, mode.BodySendMode.Value(flag.upper()))
     return merged
 
 
@@ -381,7 +404,10 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
         ),
         processor=processor,
         exchange=ExchangeSettings.from_proto(
-            message, limits=limits, honor_append_action=flags.honor_append_action
+            message,
+            limits=limits,
+            honor_append_action=flags.honor_append_action,
+            buffer_limit=flags.buffer_limit_bytes,
         ),
         timeouts=flags.timeouts,
         threads=flags.threads or DEFAULT_THREADS,

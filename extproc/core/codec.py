@@ -29,3 +29,11 @@ def from_header_map(header_map: base_pb2.HeaderMap) -> Headers:
 
 def http_headers(headers: Iterable[Header], end_of_stream: bool) -> ep.HttpHeaders:
     return ep.HttpHeaders(headers=to_header_map(headers), end_of_stream=end_of_stream)
+
+
+def http_body(data: bytes, end_of_stream: bool) -> ep.HttpBody:
+    return ep.HttpBody(body=data, end_of_stream=end_of_stream)
+
+
+def http_trailers(trailers: Iterable[Header]) -> ep.HttpTrailers:
+    return ep.HttpTrailers(trailers=to_header_map(trailers))

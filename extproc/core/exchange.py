@@ -3,129 +3,96 @@
 The protocol (envoy.service.ext_proc.v3, external_processor.proto) in short: the proxy opens one
 bidirectional stream per HTTP request and sends, as the processing mode asks, the request
 headers, body and trailers, then the response headers, body and trailers. For each message sent
-the processor answers with the matching response, in order; until it does, that part of the
-HTTP exchange is held. A processor may instead answer with an immediate response, ending the
-exchange with a local reply, or close the stream with OK to stop taking part.
+the processor answers with the matching response, in order (in FULL_DUPLEX_STREAMED it streams
+the body back as it likes); until it does, that part of the HTTP exchange is held. A processor
+may instead answer with an immediate response, ending the exchange with a local reply, or close
+the stream with OK to stop taking part.
 
 Rules this module keeps:
 1. Events go in through :meth:`Exchange.handle`, which returns the actions the I/O layer must
    carry out, in order. Nothing else changes the exchange's state.
-2. A direction holds its message while it awaits a reply; it is released (``Forward*``) exactly
-   once, mutated by the reply, or unmodified when the processor is out of the picture
-   (fail-open, OK close).
+2. Each direction forwards its head once, then body bytes in order, then its end (the last body
+   action's ``end_of_stream`` or trailers) once. What a processor holds is released exactly
+   once: mutated by its reply, or unmodified when the processor is out of the picture.
 3. Once processing is complete (immediate response, error, fail-open, OK close, nothing more
-   to send) the stream is closed, later replies are ignored and later messages pass through.
+   to send) the stream is closed, later replies are ignored and later input passes through.
 4. Errors become local replies: ``status_on_error`` for gRPC errors, spurious replies and
-   mutation errors; 504 for message timeouts; ``failure_mode_allow`` turns the first three
-   classes (but never mutation errors) into fail-open.
+   mutation errors; 504 for message timeouts; 413/500 for bodies over the buffer limit.
+   ``failure_mode_allow`` turns the first three into fail-open, except mutation errors and
+   once FULL_DUPLEX_STREAMED body data went to the processor.
+5. The I/O layer reads a direction's input only while :meth:`Exchange.wants_input` says so;
+   that is how bodies are held behind a pending reply with bounded memory.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.core import codec
+from extproc.core import codec, modes
+from extproc.core.events import (
+    Action,
+    BodyReceived,
+    CloseStream,
+    Direction,
+    Event,
+    ForwardBody,
+    ForwardHeaders,
+    ForwardTrailers,
+    HeadersReceived,
+    ProcessorClosed,
+    ProcessorReplied,
+    RespondLocally,
+    SendToProcessor,
+    TrailersReceived,
+)
 from extproc.core.mutations import apply_header_mutation
-from extproc.core.settings import NONE, SEND, SKIP, ExchangeSettings
+from extproc.core.settings import ExchangeSettings
 from extproc.models import Headers
 
 CONTINUE_AND_REPLACE = ep.CommonResponse.CONTINUE_AND_REPLACE
-
-
-class Direction(enum.Enum):
-    REQUEST = "request"
-    RESPONSE = "response"
+ERR_LENGTH_MISMATCH = "mismatch_between_content_length_and_the_length_of_the_mutated_body"
 
 
 class Awaiting(enum.Enum):
     IDLE = "idle"
     HEADERS = "headers"
-
-
-# Inputs ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RequestHeadersReceived:
-    headers: Headers
-    end_of_stream: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseHeadersReceived:
-    headers: Headers
-    end_of_stream: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessorReplied:
-    response: ep.ProcessingResponse
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessorClosed:
-    """The stream ended: ``code`` 0 is an OK close by the processor, anything else an error."""
-
-    code: int
-    details: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class MessageTimedOut:
-    pass
-
-
-Event = (
-    RequestHeadersReceived
-    | ResponseHeadersReceived
-    | ProcessorReplied
-    | ProcessorClosed
-    | MessageTimedOut
-)
-
-# Outputs --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SendToProcessor:
-    request: ep.ProcessingRequest
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardHeaders:
-    direction: Direction
-    headers: Headers
-
-
-@dataclass(frozen=True, slots=True)
-class RespondLocally:
-    """Answer the client with this reply instead of whatever the upstream would say."""
-
-    status: int
-    headers: Headers
-    body: bytes
-    details: str
-
-
-@dataclass(frozen=True, slots=True)
-class CloseStream:
-    pass
-
-
-Action = SendToProcessor | ForwardHeaders | RespondLocally | CloseStream
-
-# State ----------------------------------------------------------------------------------
+    BODY = "body"  # BUFFERED: the whole body was sent
+    PARTIAL = "partial"  # BUFFERED_PARTIAL: the first part was sent
+    STREAMED = "streamed"  # STREAMED chunks outstanding
+    TRAILERS = "trailers"
 
 
 @dataclass(slots=True)
-class _DirectionState:
+class _Side:
+    """One direction's state."""
+
+    direction: Direction
+    body_mode: int
+    trailer_mode: int
     awaiting: Awaiting = Awaiting.IDLE
-    held: Headers | None = None
-    end_of_stream: bool = False
     started: bool = False
+    held: Headers | None = None  # the head, until released
+    released: bool = False
+    strip_length: bool = False
+    original_length: int | None = None
+    input_done: bool = False
+    output_done: bool = False
+    buffer: bytearray = field(default_factory=bytearray)
+    chunks: deque[tuple[bytes, bool]] = field(default_factory=deque)
+    outstanding: int = 0  # STREAMED bytes sent and not yet answered
+    trailers: Headers | None = None  # arrived, not yet sent or forwarded
+    body_done: bool = False  # the processed part is answered; the rest passes through
+    had_trailers: bool = False
+    discard: bool = False  # CONTINUE_AND_REPLACE replaced the body: drop the original
+    duplex_data_sent: bool = False
+
+    @property
+    def passthrough(self) -> bool:
+        return self.body_mode == modes.NONE or self.body_done
 
 
 @dataclass(slots=True)
@@ -153,62 +120,242 @@ class Exchange:
         self.complete = False
         self.stream_open = False
         self.outcome = Outcome()
-        self._request = _DirectionState()
-        self._response = _DirectionState()
+        mode = self.mode
+        self._sides = {
+            Direction.REQUEST: _Side(
+                Direction.REQUEST, mode.request_body_mode, mode.request_trailer_mode
+            ),
+            Direction.RESPONSE: _Side(
+                Direction.RESPONSE, mode.response_body_mode, mode.response_trailer_mode
+            ),
+        }
+
+    # Queries for the I/O layer ------------------------------------------------------------
 
     @property
     def awaiting_reply(self) -> bool:
-        return not self.complete and (
-            self._request.awaiting is not Awaiting.IDLE
-            or self._response.awaiting is not Awaiting.IDLE
+        return not self.complete and any(
+            s.awaiting is not Awaiting.IDLE or s.chunks or _duplex_pending(s)
+            for s in self._sides.values()
         )
 
+    @property
+    def streams_replies(self) -> bool:
+        """Whether replies may arrive while input is still being read (STREAMED, duplex)."""
+        return any(
+            s.body_mode in modes.STREAMING_MODES and not s.input_done for s in self._sides.values()
+        )
+
+    def wants_input(self, direction: Direction) -> bool:
+        """Whether the I/O layer should read more of this direction's body now."""
+        side = self._sides[direction]
+        if side.input_done:
+            return False
+        if self.complete or side.discard or side.passthrough:
+            return side.released or side.discard
+        if side.awaiting is Awaiting.HEADERS:
+            return side.body_mode == modes.FULL_DUPLEX_STREAMED or (
+                side.body_mode == modes.STREAMED
+                and self.settings.send_body_without_waiting_for_header_response
+            )
+        if side.awaiting in (Awaiting.BODY, Awaiting.PARTIAL, Awaiting.TRAILERS):
+            return False
+        # STREAMED flow control: stop reading while too much is unanswered.
+        return side.outstanding <= self.settings.buffer_limit
+
+    def output_done(self, direction: Direction) -> bool:
+        return self._sides[direction].output_done
+
     def handle(self, event: Event) -> list[Action]:
-        if isinstance(event, RequestHeadersReceived):
-            return self._on_headers(Direction.REQUEST, event.headers, event.end_of_stream)
-        if isinstance(event, ResponseHeadersReceived):
-            return self._on_headers(Direction.RESPONSE, event.headers, event.end_of_stream)
+        if isinstance(event, HeadersReceived):
+            return self._on_headers(
+                self._sides[event.direction], event.headers, event.end_of_stream
+            )
+        if isinstance(event, BodyReceived):
+            return self._on_body(self._sides[event.direction], event.data, event.end_of_stream)
+        if isinstance(event, TrailersReceived):
+            return self._on_trailers(self._sides[event.direction], event.trailers)
         if isinstance(event, ProcessorReplied):
             return self._on_reply(event.response)
         if isinstance(event, ProcessorClosed):
             return self._on_closed(event)
         return self._on_timeout()
 
-    # Sending ----------------------------------------------------------------------------
+    # Input --------------------------------------------------------------------------------
 
-    def _state(self, direction: Direction) -> _DirectionState:
-        return self._request if direction is Direction.REQUEST else self._response
+    def _header_mode(self, side: _Side) -> int:
+        if side.direction is Direction.REQUEST:
+            return int(self.mode.request_header_mode)
+        return int(self.mode.response_header_mode)
 
-    def _on_headers(self, direction: Direction, headers: Headers, eos: bool) -> list[Action]:
-        state = self._state(direction)
-        state.started = True
-        state.end_of_stream = eos
-        header_mode = (
-            self.mode.request_header_mode
-            if direction is Direction.REQUEST
-            else self.mode.response_header_mode
-        )
-        if self.complete or header_mode == SKIP:
-            return [ForwardHeaders(direction, headers), *self._close_if_done()]
-        state.awaiting = Awaiting.HEADERS
-        state.held = headers
+    def _on_headers(self, side: _Side, headers: Headers, eos: bool) -> list[Action]:
+        side.started = True
+        side.input_done = eos
+        length = headers.get(b"content-length")
+        side.original_length = int(length) if length is not None and length.isdigit() else None
+        header_mode = self._header_mode(side)
+        side.strip_length = modes.strips_content_length(side.body_mode, header_mode)
+        if self.complete or header_mode == modes.SKIP:
+            if not self.complete and side.strip_length:
+                headers.remove(b"content-length")
+            return [*self._release(side, headers), *self._close_if_done()]
+        side.awaiting = Awaiting.HEADERS
+        side.held = headers
         message = codec.http_headers(headers, eos)
-        if direction is Direction.REQUEST:
-            request = ep.ProcessingRequest(request_headers=message)
-        else:
-            request = ep.ProcessingRequest(response_headers=message)
-        return [self._send(request)]
+        actions: list[Action] = [self._send(side, _request(side, "headers", message))]
+        if side.strip_length:
+            # Removed after the message was built: the processor still sees the original.
+            headers.remove(b"content-length")
+        return actions
 
-    def _send(self, request: ep.ProcessingRequest) -> SendToProcessor:
+    def _on_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
+        side.input_done = eos
+        if side.discard:
+            return []
+        if self.complete or side.passthrough:
+            return self._forward_body(side, data, eos)
+        mode = side.body_mode
+        if mode == modes.BUFFERED:
+            return self._buffer(side, data, eos)
+        if mode == modes.BUFFERED_PARTIAL:
+            return self._buffer_partial(side, data, eos)
+        message = codec.http_body(data, eos)
+        if mode == modes.FULL_DUPLEX_STREAMED:
+            side.duplex_data_sent = True
+            return [self._send(side, _request(side, "body", message), timed=False)]
+        side.chunks.append((data, eos))
+        side.outstanding += len(data)
+        if side.awaiting is Awaiting.IDLE:
+            side.awaiting = Awaiting.STREAMED
+        return [self._send(side, _request(side, "body", message))]
+
+    def _buffer(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
+        side.buffer += data
+        if len(side.buffer) > self.settings.buffer_limit:
+            return self._overflow(side)
+        if not eos:
+            return []
+        return self._send_buffered(side, end_of_stream=True)
+
+    def _send_buffered(self, side: _Side, end_of_stream: bool) -> list[Action]:
+        side.awaiting = Awaiting.BODY
+        message = codec.http_body(bytes(side.buffer), end_of_stream)
+        return [self._send(side, _request(side, "body", message))]
+
+    def _buffer_partial(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
+        side.buffer += data
+        if not eos and len(side.buffer) <= self.settings.buffer_limit:
+            return []
+        side.awaiting = Awaiting.PARTIAL
+        message = codec.http_body(bytes(side.buffer), eos)
+        return [self._send(side, _request(side, "body", message))]
+
+    def _overflow(self, side: _Side) -> list[Action]:
+        """A BUFFERED body over the limit: core proxy behaviour, whatever failure_mode_allow."""
+        if side.direction is Direction.REQUEST:
+            reply = _local(413, b"Payload Too Large", "request_payload_too_large")
+        else:
+            reply = _local(500, b"Internal Server Error", "response_payload_too_large")
+        return self._finish(reply)
+
+    def _on_trailers(self, side: _Side, trailers: Headers) -> list[Action]:
+        side.input_done = True
+        if side.discard:
+            return []
+        if self.complete:
+            return self._forward_trailers(side, trailers)
+        side.trailers = trailers
+        side.had_trailers = True
+        if side.body_mode == modes.FULL_DUPLEX_STREAMED:
+            message = codec.http_trailers(trailers)
+            return [self._send(side, _request(side, "trailers", message), timed=False)]
+        if side.awaiting is Awaiting.HEADERS:
+            return []
+        if side.body_mode == modes.BUFFERED and not side.passthrough:
+            return self._send_buffered(side, end_of_stream=False)
+        if side.body_mode == modes.BUFFERED_PARTIAL and not side.body_done:
+            if side.awaiting is Awaiting.PARTIAL:
+                return []
+            return self._flush_partial_for_trailers(side)
+        if side.chunks:
+            return []
+        return self._trailers_next(side)
+
+    def _flush_partial_for_trailers(self, side: _Side) -> list[Action]:
+        side.awaiting = Awaiting.PARTIAL
+        message = codec.http_body(bytes(side.buffer), False)
+        return [self._send(side, _request(side, "body", message))]
+
+    def _trailers_next(self, side: _Side) -> list[Action]:
+        """The body is done and answered: send the held trailers, or pass them on."""
+        trailers = side.trailers
+        if trailers is None:
+            return []
+        if side.trailer_mode == modes.SEND and not self.complete:
+            side.awaiting = Awaiting.TRAILERS
+            return [self._send(side, _request(side, "trailers", codec.http_trailers(trailers)))]
+        side.trailers = None
+        return [*self._forward_trailers(side, trailers), *self._close_if_done()]
+
+    def _send(
+        self, side: _Side, request: ep.ProcessingRequest, timed: bool = True
+    ) -> SendToProcessor:
         request.metadata_context.SetInParent()
         if not self.stream_open:
             self.stream_open = True
-            request.protocol_config.request_body_mode = self.mode.request_body_mode
-            request.protocol_config.response_body_mode = self.mode.response_body_mode
+            config = request.protocol_config
+            config.request_body_mode = self._sides[Direction.REQUEST].body_mode
+            config.response_body_mode = self._sides[Direction.RESPONSE].body_mode
+            config.send_body_without_waiting_for_header_response = (
+                self.settings.send_body_without_waiting_for_header_response
+            )
         self.outcome.messages_sent += 1
-        return SendToProcessor(request)
+        return SendToProcessor(request, timed)
 
-    # Receiving --------------------------------------------------------------------------
+    # Output -------------------------------------------------------------------------------
+
+    def _release(self, side: _Side, headers: Headers, body: bytes | None = None) -> list[Action]:
+        """Forward the head, and with ``body`` (a whole, final body) the body too.
+
+        Without ``body``, whatever follows is the original body, so the original length
+        holds unless the mode strips it.
+        """
+        if body is not None:
+            known = not side.strip_length and b"content-length" in headers
+            actions = self._release_head(side, headers, len(body) if known else None)
+            return [*actions, self._body_action(side, body, side.trailers is None)]
+        eos = side.input_done and side.trailers is None and not side.buffer and not side.chunks
+        if not eos:
+            length = None if side.strip_length else side.original_length
+            return self._release_head(side, headers, length)
+        side.held = None
+        side.released = True
+        side.output_done = True
+        return [ForwardHeaders(side.direction, headers, True, None)]
+
+    def _release_head(
+        self, side: _Side, headers: Headers, length: int | None = None
+    ) -> list[Action]:
+        """Forward the head with a body to follow."""
+        side.held = None
+        side.released = True
+        return [ForwardHeaders(side.direction, headers, False, length)]
+
+    def _body_action(self, side: _Side, data: bytes, eos: bool) -> ForwardBody:
+        if eos:
+            side.output_done = True
+        return ForwardBody(side.direction, data, eos)
+
+    def _forward_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
+        if not data and not eos:
+            return []
+        return [self._body_action(side, data, eos), *(self._close_if_done() if eos else [])]
+
+    def _forward_trailers(self, side: _Side, trailers: Headers) -> list[Action]:
+        side.output_done = True
+        return [ForwardTrailers(side.direction, trailers)]
+
+    # Replies ------------------------------------------------------------------------------
 
     def _on_reply(self, response: ep.ProcessingResponse) -> list[Action]:
         if self.complete:
@@ -221,12 +368,15 @@ class Exchange:
         if kind == "immediate_response" and not self.settings.disable_immediate_response:
             self.outcome.messages_received += 1
             return self._immediate(response.immediate_response)
-        if kind == "request_headers" and self._request.awaiting is Awaiting.HEADERS:
-            self.outcome.messages_received += 1
-            return self._headers_reply(Direction.REQUEST, response.request_headers.response)
-        if kind == "response_headers" and self._response.awaiting is Awaiting.HEADERS:
-            self.outcome.messages_received += 1
-            return self._headers_reply(Direction.RESPONSE, response.response_headers.response)
+        handler = _DISPATCH.get(kind or "")
+        if handler is not None:
+            direction, phase = handler
+            side = self._sides[direction]
+            if self._expects(side, phase, response):
+                self.outcome.messages_received += 1
+                if phase == "headers" and response.HasField("mode_override"):
+                    self._override_mode(response.mode_override)
+                return self._dispatch(side, phase, response)
         self.outcome.spurious += 1
         if kind == "immediate_response":
             details = "unhandled_immediate_response_due_to_config_disabled_it"
@@ -234,26 +384,209 @@ class Exchange:
             details = "spurious_message" if kind else "unhandled_message"
         return self._fail(self.settings.status_on_error, details)
 
-    def _headers_reply(self, direction: Direction, common: ep.CommonResponse) -> list[Action]:
-        state = self._state(direction)
-        assert state.held is not None
-        headers = state.held
-        if common.HasField("header_mutation"):
-            result = apply_header_mutation(
-                headers,
-                common.header_mutation,
-                self.settings.rules,
-                self.settings.limits,
-                replacing=common.status == CONTINUE_AND_REPLACE,
-                honor_append_action=self.settings.honor_append_action,
+    def _expects(self, side: _Side, phase: str, response: ep.ProcessingResponse) -> bool:
+        if phase == "headers":
+            return side.awaiting is Awaiting.HEADERS
+        if phase == "trailers":
+            return (
+                side.awaiting is Awaiting.TRAILERS or side.body_mode == modes.FULL_DUPLEX_STREAMED
             )
-            self.outcome.rejected_mutations += result.rejected
-            if result.error:
-                # Mutation errors never fail open (Envoy: failure_mode_allow does not apply).
-                return self._finish(self._error_reply(self.settings.status_on_error, result.error))
-        state.awaiting = Awaiting.IDLE
-        state.held = None
-        return [ForwardHeaders(direction, headers), *self._close_if_done()]
+        common = _common(response, side.direction, phase)
+        streamed = common.body_mutation.HasField("streamed_response")
+        if side.awaiting is Awaiting.HEADERS:
+            return False  # the headers reply comes first, in every mode
+        if side.body_mode == modes.FULL_DUPLEX_STREAMED:
+            return bool(streamed)
+        return not streamed and (
+            side.awaiting in (Awaiting.BODY, Awaiting.PARTIAL) or bool(side.chunks)
+        )
+
+    def _dispatch(self, side: _Side, phase: str, response: ep.ProcessingResponse) -> list[Action]:
+        if phase == "trailers":
+            return self._trailers_reply(side, _trailers_response(response, side.direction))
+        common = _common(response, side.direction, phase)
+        if phase == "headers":
+            return self._headers_reply(side, common)
+        if side.body_mode == modes.FULL_DUPLEX_STREAMED:
+            return self._duplex_reply(side, common.body_mutation.streamed_response)
+        if side.awaiting is Awaiting.BODY:
+            return self._buffered_reply(side, common)
+        if side.awaiting is Awaiting.PARTIAL:
+            return self._partial_reply(side, common)
+        return self._streamed_reply(side, common)
+
+    def _mutate(self, headers: Headers, common: ep.CommonResponse, side: _Side) -> str | None:
+        """Apply a CommonResponse's header mutation; the error text, if it failed."""
+        if not common.HasField("header_mutation"):
+            return None
+        result = apply_header_mutation(
+            headers,
+            common.header_mutation,
+            self.settings.rules,
+            self.settings.limits,
+            replacing=common.status == CONTINUE_AND_REPLACE,
+            drop_content_length=side.strip_length,
+            honor_append_action=self.settings.honor_append_action,
+        )
+        self.outcome.rejected_mutations += result.rejected
+        return result.error
+
+    def _headers_reply(self, side: _Side, common: ep.CommonResponse) -> list[Action]:
+        headers = side.held
+        assert headers is not None
+        error = self._mutate(headers, common, side)
+        if error:
+            # Mutation errors never fail open (Envoy: failure_mode_allow does not apply).
+            return self._finish(_local(self.settings.status_on_error, b"", error))
+        side.awaiting = Awaiting.IDLE
+        if common.status == CONTINUE_AND_REPLACE:
+            return self._replace(side, headers, common)
+        if side.body_mode in (modes.BUFFERED, modes.BUFFERED_PARTIAL) and not side.input_done:
+            return []  # held until the body reply
+        if side.body_mode == modes.FULL_DUPLEX_STREAMED and not side.input_done:
+            return []  # released with the first body the processor streams back
+        actions = self._release(side, headers)
+        if side.body_mode == modes.STREAMED and side.chunks:
+            side.awaiting = Awaiting.STREAMED
+        elif side.trailers is not None:
+            actions += self._trailers_next(side)
+        return [*actions, *self._close_if_done()]
+
+    def _replace(self, side: _Side, headers: Headers, common: ep.CommonResponse) -> list[Action]:
+        """CONTINUE_AND_REPLACE: no more messages for this direction; maybe a new body."""
+        side.body_mode = modes.NONE
+        side.trailer_mode = modes.SKIP
+        side.chunks.clear()
+        side.outstanding = 0
+        if not common.HasField("body_mutation"):
+            return [*self._release(side, headers), *self._close_if_done()]
+        headers.remove(b"content-length")
+        side.discard = True
+        side.trailers = None
+        side.buffer.clear()
+        body = _mutated(common.body_mutation, b"")
+        side.strip_length = True
+        return [*self._release(side, headers, body), *self._close_if_done()]
+
+    def _buffered_reply(self, side: _Side, common: ep.CommonResponse) -> list[Action]:
+        side.awaiting = Awaiting.IDLE
+        headers = side.held
+        if headers is not None:
+            error = self._mutate(headers, common, side)
+            if error:
+                return self._finish(_local(self.settings.status_on_error, b"", error))
+        body = _mutated(common.body_mutation, bytes(side.buffer))
+        side.buffer.clear()
+        if headers is not None and common.HasField("body_mutation"):
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) != len(body):
+                return self._finish(_local(self.settings.status_on_error, b"", ERR_LENGTH_MISMATCH))
+        side.body_done = True  # the rest, if any (trailers), passes through
+        if headers is not None:
+            actions = self._release(side, headers, body)
+        else:
+            actions = [self._body_action(side, body, side.trailers is None)]
+        return [*actions, *self._trailers_next(side), *self._close_if_done()]
+
+    def _partial_reply(self, side: _Side, common: ep.CommonResponse) -> list[Action]:
+        side.awaiting = Awaiting.IDLE
+        headers = side.held
+        if headers is not None:
+            error = self._mutate(headers, common, side)
+            if error:
+                return self._finish(_local(self.settings.status_on_error, b"", error))
+        body = _mutated(common.body_mutation, bytes(side.buffer))
+        side.buffer.clear()
+        side.body_done = True
+        eos = side.input_done and side.trailers is None
+        actions: list[Action] = []
+        if headers is not None:
+            actions += self._release_head(side, headers)
+        actions.append(self._body_action(side, body, eos))
+        return [*actions, *self._trailers_next(side), *self._close_if_done()]
+
+    def _streamed_reply(self, side: _Side, common: ep.CommonResponse) -> list[Action]:
+        # header_mutation in a streamed body reply is ignored: the head has gone.
+        data, eos = side.chunks.popleft()
+        side.outstanding -= len(data)
+        if not side.chunks:
+            side.awaiting = Awaiting.IDLE
+        actions: list[Action] = [self._body_action(side, _mutated(common.body_mutation, data), eos)]
+        if not side.chunks and side.trailers is not None and side.input_done:
+            actions += self._trailers_next(side)
+        return [*actions, *self._close_if_done()]
+
+    def _duplex_reply(self, side: _Side, streamed: ep.StreamedBodyResponse) -> list[Action]:
+        actions: list[Action] = []
+        if side.held is not None:
+            actions += self._release_head(side, side.held)
+        eos = streamed.end_of_stream
+        if streamed.body or eos:
+            actions.append(self._body_action(side, streamed.body, eos))
+        return [*actions, *(self._close_if_done() if eos else [])]
+
+    def _trailers_reply(self, side: _Side, response: ep.TrailersResponse) -> list[Action]:
+        if side.body_mode == modes.FULL_DUPLEX_STREAMED:
+            return self._duplex_trailers(side, response)
+        trailers = side.trailers
+        assert trailers is not None
+        side.awaiting = Awaiting.IDLE
+        side.trailers = None
+        if response.HasField("header_mutation"):
+            error = self._mutate(
+                trailers, ep.CommonResponse(header_mutation=response.header_mutation), side
+            )
+            if error:
+                return self._finish(_local(self.settings.status_on_error, b"", error))
+        return [*self._forward_trailers(side, trailers), *self._close_if_done()]
+
+    def _duplex_trailers(self, side: _Side, response: ep.TrailersResponse) -> list[Action]:
+        # The reply mutates the trailers the message had; Envoy cannot synthesise trailers
+        # for a message without them, so then the reply is ignored.
+        trailers = side.trailers
+        if trailers is None or side.output_done:
+            return []
+        side.trailers = None
+        if response.HasField("header_mutation"):
+            error = self._mutate(
+                trailers, ep.CommonResponse(header_mutation=response.header_mutation), side
+            )
+            if error:
+                return self._finish(_local(self.settings.status_on_error, b"", error))
+        actions: list[Action] = []
+        if side.held is not None:
+            actions += self._release_head(side, side.held)
+        return [*actions, *self._forward_trailers(side, trailers), *self._close_if_done()]
+
+    def _override_mode(self, override: ep.ProcessingMode) -> None:
+        settings = self.settings
+        if (
+            not settings.allow_mode_override
+            or settings.send_body_without_waiting_for_header_response
+        ):
+            return
+        base = settings.processing_mode
+        if modes.FULL_DUPLEX_STREAMED in (base.request_body_mode, base.response_body_mode):
+            return
+        merged = modes.merge_override(base, override)
+        if not modes.override_allowed(merged, settings.allowed_override_modes):
+            return
+        self.mode = merged
+        for side, body, trailer in (
+            (self._sides[Direction.REQUEST], merged.request_body_mode, merged.request_trailer_mode),
+            (
+                self._sides[Direction.RESPONSE],
+                merged.response_body_mode,
+                merged.response_trailer_mode,
+            ),
+        ):
+            if not side.input_done or not side.started:
+                side.body_mode, side.trailer_mode = body, trailer
+                side.strip_length = side.started and modes.strips_content_length(
+                    body, self._header_mode(side)
+                )
+                if side.strip_length and side.held is not None:
+                    side.held.remove(b"content-length")
 
     def _immediate(self, immediate: ep.ImmediateResponse) -> list[Action]:
         self.outcome.immediate_response = True
@@ -300,34 +633,44 @@ class Exchange:
         self.outcome.timed_out = True
         return self._fail(504, "ext_proc_error_per-message_timeout_exceeded")
 
-    # Endings ----------------------------------------------------------------------------
+    # Endings ------------------------------------------------------------------------------
 
     def _fail(self, status: int, details: str) -> list[Action]:
-        if self.settings.failure_mode_allow:
+        duplex_started = any(s.duplex_data_sent for s in self._sides.values())
+        if self.settings.failure_mode_allow and not duplex_started:
             self.outcome.failed_open = True
             self.outcome.details = details
             return self._release_all()
-        return self._finish(self._error_reply(status, details))
-
-    def _error_reply(self, status: int, details: str) -> RespondLocally:
-        headers = Headers([(b":status", str(status).encode())])
-        return RespondLocally(status, headers, b"", details)
+        return self._finish(_local(status, b"", details))
 
     def _finish(self, reply: RespondLocally) -> list[Action]:
         self.outcome.details = reply.details
-        self._request.awaiting = self._response.awaiting = Awaiting.IDLE
-        self._request.held = self._response.held = None
+        for side in self._sides.values():
+            side.awaiting = Awaiting.IDLE
+            side.held = None
+            side.chunks.clear()
         self.complete = True
         return [CloseStream(), reply]
 
     def _release_all(self) -> list[Action]:
-        actions: list[Action] = [CloseStream()]
-        for direction in Direction:
-            state = self._state(direction)
-            if state.held is not None:
-                actions.append(ForwardHeaders(direction, state.held))
-            state.awaiting, state.held = Awaiting.IDLE, None
+        """The processor is out of the picture: everything held goes on unmodified."""
         self.complete = True
+        actions: list[Action] = [CloseStream()]
+        for side in self._sides.values():
+            side.awaiting = Awaiting.IDLE
+            if side.held is not None:
+                actions += self._release(side, side.held)
+            if side.buffer:
+                data = bytes(side.buffer)
+                side.buffer.clear()
+                actions += self._forward_body(side, data, side.input_done and not side.trailers)
+            while side.chunks:
+                data, eos = side.chunks.popleft()
+                actions += self._forward_body(side, data, eos)
+            side.outstanding = 0
+            if side.trailers is not None and side.released:
+                trailers, side.trailers = side.trailers, None
+                actions += self._forward_trailers(side, trailers)
         return actions
 
     def _close_if_done(self) -> list[Action]:
@@ -338,24 +681,69 @@ class Exchange:
         return [CloseStream()]
 
     def _more_to_send(self) -> bool:
-        mode = self.mode
-        if (
-            self._request.awaiting is not Awaiting.IDLE
-            or self._response.awaiting is not Awaiting.IDLE
-        ):
+        if self.awaiting_reply:
             return True
-        if not self._request.end_of_stream and (
-            mode.request_body_mode != NONE or mode.request_trailer_mode == SEND
-        ):
+        request, response = self._sides[Direction.REQUEST], self._sides[Direction.RESPONSE]
+        if not request.output_done and _sends_after_headers(request):
             return True
-        if not self._response.started:
-            return mode.response_header_mode != SKIP or _sends_after_headers(
-                mode.response_body_mode, mode.response_trailer_mode
-            )
-        return not self._response.end_of_stream and _sends_after_headers(
-            mode.response_body_mode, mode.response_trailer_mode
-        )
+        if not response.started:
+            return self.mode.response_header_mode != modes.SKIP or _sends_after_headers(response)
+        return not response.output_done and _sends_after_headers(response)
 
 
-def _sends_after_headers(body_mode: int, trailer_mode: int) -> bool:
-    return bool(body_mode != NONE or trailer_mode == SEND)
+def _duplex_pending(side: _Side) -> bool:
+    """FULL_DUPLEX_STREAMED: the processor still owes the rest of the body it streams."""
+    return (
+        side.body_mode == modes.FULL_DUPLEX_STREAMED
+        and side.started
+        and not side.output_done
+        and not side.discard
+    )
+
+
+def _sends_after_headers(side: _Side) -> bool:
+    if side.discard:
+        return False
+    body = side.body_mode != modes.NONE and not side.body_done
+    return body or (side.trailer_mode == modes.SEND and not side.output_done)
+
+
+_DISPATCH: dict[str, tuple[Direction, str]] = {
+    "request_headers": (Direction.REQUEST, "headers"),
+    "response_headers": (Direction.RESPONSE, "headers"),
+    "request_body": (Direction.REQUEST, "body"),
+    "response_body": (Direction.RESPONSE, "body"),
+    "request_trailers": (Direction.REQUEST, "trailers"),
+    "response_trailers": (Direction.RESPONSE, "trailers"),
+}
+
+
+def _request(side: _Side, phase: str, message: object) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(**{f"{side.direction.value}_{phase}": message})
+
+
+def _common(response: ep.ProcessingResponse, direction: Direction, phase: str) -> ep.CommonResponse:
+    return getattr(response, f"{direction.value}_{phase}").response
+
+
+def _trailers_response(
+    response: ep.ProcessingResponse, direction: Direction
+) -> ep.TrailersResponse:
+    return getattr(response, f"{direction.value}_trailers")
+
+
+def _mutated(mutation: ep.BodyMutation, data: bytes) -> bytes:
+    kind = mutation.WhichOneof("mutation")
+    if kind == "body":
+        return bytes(mutation.body)
+    if kind == "clear_body" and mutation.clear_body:
+        return b""
+    return data
+
+
+def _local(status: int, body: bytes, details: str) -> RespondLocally:
+    headers = Headers([(b":status", str(status).encode())])
+    if body:
+        headers.add(b"content-length", str(len(body)).encode())
+        headers.add(b"content-type", b"text/plain")
+    return RespondLocally(status, headers, body, details)

@@ -13,11 +13,9 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 
 from extproc.core.mutations import HeaderLimits, MutationRules
 
-SEND = ProcessingMode.SEND
-SKIP = ProcessingMode.SKIP
-NONE = ProcessingMode.NONE
-
 DEFAULT_MESSAGE_TIMEOUT = 0.2
+# Envoy's per_connection_buffer_limit_bytes default: the most a mode may buffer.
+DEFAULT_BUFFER_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +30,10 @@ class ExchangeSettings:
     rules: MutationRules = field(default_factory=MutationRules)
     limits: HeaderLimits = field(default_factory=HeaderLimits)
     honor_append_action: bool = False
+    buffer_limit: int = DEFAULT_BUFFER_LIMIT
+    allow_mode_override: bool = False
+    allowed_override_modes: tuple[ProcessingMode, ...] = ()
+    send_body_without_waiting_for_header_response: bool = False
 
     @classmethod
     def from_proto(
@@ -40,6 +42,7 @@ class ExchangeSettings:
         *,
         limits: HeaderLimits | None = None,
         honor_append_action: bool = False,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
     ) -> ExchangeSettings:
         timeout = DEFAULT_MESSAGE_TIMEOUT
         if message.HasField("message_timeout"):
@@ -55,4 +58,10 @@ class ExchangeSettings:
             rules=MutationRules.from_proto(message.mutation_rules),
             limits=limits or HeaderLimits(),
             honor_append_action=honor_append_action,
+            buffer_limit=buffer_limit,
+            allow_mode_override=message.allow_mode_override,
+            allowed_override_modes=tuple(message.allowed_override_modes),
+            send_body_without_waiting_for_header_response=(
+                message.send_body_without_waiting_for_header_response
+            ),
         )

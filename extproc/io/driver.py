@@ -2,7 +2,8 @@
 
 The worker thread that owns a connection calls :meth:`ConnectionHandler.serve`; it feeds what
 happens on the sockets and the processor stream into :class:`extproc.core.exchange.Exchange`
-and carries out the actions it returns. Every wait here has a timeout.
+and carries out the actions it returns. Each direction is pumped by one loop: read body input
+while the exchange wants it, otherwise wait for the processor. Every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,21 +20,24 @@ import structlog
 
 from extproc.config import ProxyConfig
 from extproc.core import wire
-from extproc.core.exchange import (
+from extproc.core.events import (
     Action,
+    BodyReceived,
     CloseStream,
     Direction,
     Event,
-    Exchange,
+    ForwardBody,
     ForwardHeaders,
+    ForwardTrailers,
+    HeadersReceived,
     MessageTimedOut,
     ProcessorClosed,
     ProcessorReplied,
-    RequestHeadersReceived,
     RespondLocally,
-    ResponseHeadersReceived,
     SendToProcessor,
+    TrailersReceived,
 )
+from extproc.core.exchange import Exchange
 from extproc.errors import ProcessorStreamError, ProcessorTimeout, UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient, ProcessorStream
@@ -42,10 +47,14 @@ from extproc.models import Headers
 access_log = structlog.get_logger("extproc.access")
 
 UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+# An untimed wait (FULL_DUPLEX_STREAMED replies) still has a bound: nothing hangs.
+UNTIMED_WAIT = 300.0
+
+BodyPiece = tuple[bytes, bool, list[tuple[bytes, bytes]] | None]
 
 
 class ConnectionAborted(Exception):
-    """The exchange cannot go on: close the downstream connection without a reply."""
+    """The exchange cannot go on: close the downstream connection without (more of) a reply."""
 
 
 @dataclass(slots=True)
@@ -99,7 +108,7 @@ class ConnectionHandler:
             _raw_error(down.conn, err.error_status_hint, str(err))
             return False
         except TimeoutError:
-            if down.conn.h11.their_state is h11.IDLE and _has_partial_head(down.conn):
+            if down.conn.h11.their_state is h11.IDLE and down.conn.h11.trailing_data[0]:
                 _raw_error(down.conn, 408, "request header timeout")
             return False
         except OSError:
@@ -110,17 +119,11 @@ class ConnectionHandler:
         run = _RequestRun(self, down, event)
         try:
             run.run()
-        except ConnectionAborted:
-            return False
-        except OSError:
+        except (ConnectionAborted, OSError, h11.ProtocolError):
             return False
         finally:
             run.finish()
         return not run.close_after
-
-
-def _has_partial_head(conn: Http1Connection) -> bool:
-    return bool(conn.h11.trailing_data[0])
 
 
 def _raw_error(conn: Http1Connection, status: int, message: str) -> None:
@@ -138,14 +141,21 @@ def _raw_error(conn: Http1Connection, status: int, message: str) -> None:
 
 
 @dataclass(slots=True)
-class _Response:
-    """The response to pass on: from the upstream, or made by the proxy (e.g. 503)."""
+class _ProxyResponse:
+    """A reply the proxy makes in the upstream's place (503, 504); it still goes through
+    ext_proc's response phase, as Envoy's router replies do."""
 
-    headers: Headers
-    end_of_stream: bool
-    length: int | None
-    upstream: Http1Connection | None = None
-    body: bytes = b""
+    status: int
+    body: bytes
+
+    def headers(self) -> Headers:
+        return Headers(
+            [
+                (b":status", str(self.status).encode()),
+                (b"content-length", str(len(self.body)).encode()),
+                (b"content-type", b"text/plain"),
+            ]
+        )
 
 
 @dataclass(slots=True)
@@ -163,140 +173,250 @@ class _RequestRun:
 
     def __init__(self, handler: ConnectionHandler, down: Downstream, request: h11.Request):
         self.h = handler
+        self.timeouts = handler.config.timeouts
         self.down = down
         self.request = request
         self.exchange = Exchange(handler.config.exchange)
         self.stream: ProcessorStream | None = None
-        self.released: dict[Direction, Headers] = {}
+        self.deadline: float | None = None  # when the oldest unanswered message times out
         self.local: RespondLocally | None = None
         self.upstream: Http1Connection | None = None
+        self.upstream_reused = False
+        self.upstream_request: h11.Request | None = None
+        self.proxy_response: _ProxyResponse | None = None
+        self._response_head: tuple[Headers, bool] = (Headers(), True)
+        self.response_started = False
         self.close_after = False
         self.stats = _Stats()
         self.request_id = b""
         self.method = request.method
 
-    # ext_proc ---------------------------------------------------------------------------
-
-    def _drive(self, event: Event) -> RespondLocally | None:
-        """Feed one event, then wait on the processor for as long as the exchange awaits it.
-
-        Returns the local reply the exchange decided on, if any.
-        """
-        self._execute(self.exchange.handle(event))
-        timeout = self.h.config.exchange.message_timeout
-        while self.exchange.awaiting_reply:
-            assert self.stream is not None
-            started = time.monotonic()
-            reply: Event
-            try:
-                response = self.stream.recv(timeout)
-                reply = ProcessorClosed(0) if response is None else ProcessorReplied(response)
-            except ProcessorTimeout:
-                reply = MessageTimedOut()
-            except ProcessorStreamError as err:
-                reply = ProcessorClosed(err.code, err.details)
-            self.stats.processor += time.monotonic() - started
-            self._execute(self.exchange.handle(reply))
-        return self.local
-
-    def _execute(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, SendToProcessor):
-                if self.stream is None:
-                    self.stream = self.h.processor.open_stream()
-                self.stream.send(action.request)
-            elif isinstance(action, ForwardHeaders):
-                self.released[action.direction] = action.headers
-            elif isinstance(action, RespondLocally):
-                self.local = action
-            elif isinstance(action, CloseStream):
-                self._close_stream()
-
-    def _close_stream(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
-
     # The exchange -----------------------------------------------------------------------
 
     def run(self) -> None:
         req = self.request
-        has_body, length = wire.request_body_framing(req.headers)
+        has_body, _ = wire.request_body_framing(req.headers)
         headers = wire.request_from_wire(
             req.method, req.target, req.headers, self.down.peer_ip, self.h.ingress
         )
         self.request_id = headers.get(b"x-request-id") or b""
         if not has_body:
             # h11 yields the EndOfMessage of a bodiless request without reading the socket.
-            self.down.conn.next_event(self.h.config.timeouts.client)
+            self.down.conn.next_event(self.timeouts.client)
         elif self.down.conn.h11.they_are_waiting_for_100_continue:
             self.down.conn.send(
                 h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"),
-                self.h.config.timeouts.client,
+                self.timeouts.client,
             )
-        local = self._drive(RequestHeadersReceived(headers, not has_body))
-        if local is not None:
-            self._reply_locally(local)
-            return
-        response = self._call_upstream(self.released.pop(Direction.REQUEST), has_body, length)
-        local = self._drive(ResponseHeadersReceived(response.headers, response.end_of_stream))
-        if local is not None:
-            if response.upstream is not None:
-                response.upstream.close()
-                self.upstream = None
-            self._reply_locally(local)
-            return
-        self._send_response(self.released.pop(Direction.RESPONSE), response)
+        self._feed(HeadersReceived(Direction.REQUEST, headers, not has_body))
+        self._run_direction(Direction.REQUEST, self._read_request_body)
+        if self.local is None:
+            self._respond()
+        if self.local is not None:
+            self._reply_locally(self.local)
 
-    def _call_upstream(self, headers: Headers, has_body: bool, length: int | None) -> _Response:
-        method, target, wire_headers = wire.request_to_wire(headers, length, has_body)
+    def _respond(self) -> None:
+        """The response phase: from the upstream, or from the proxy when it failed."""
+        if self.proxy_response is None:
+            self._await_upstream_head()
+        if self.proxy_response is not None:
+            self._close_upstream()
+            headers, eos, read = self.proxy_response.headers(), False, self._read_proxy_body
+        else:
+            assert self.upstream is not None
+            headers, eos = self._response_head
+            read = self._read_upstream_body
+        self._feed(HeadersReceived(Direction.RESPONSE, headers, eos))
+        self._run_direction(Direction.RESPONSE, read)
+
+    def _run_direction(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
+        ex = self.exchange
+        # Input is read to its end even once the output is done: a replaced body is drained.
+        while self.local is None and (not ex.output_done(direction) or ex.wants_input(direction)):
+            if direction is Direction.REQUEST and self.proxy_response is not None:
+                return  # the upstream is gone: nothing more to send it
+            if ex.wants_input(direction):
+                self._read_into(direction, read)
+            elif ex.awaiting_reply:
+                self._wait_reply(self._time_left())
+            else:
+                raise RuntimeError(f"exchange stuck in the {direction.value} direction")
+
+    def _read_into(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
+        left = self._time_left()
+        try:
+            data, eos, trailers = read(min(left, self._io_timeout(direction)))
+        except TimeoutError:
+            if left > self._io_timeout(direction):
+                raise
+            self._wait_reply(0)  # the message deadline passed while reading
+            return
+        if direction is Direction.REQUEST:
+            self.stats.bytes_in += len(data)
+        self._feed(BodyReceived(direction, data, eos))
+        if trailers is not None and self.local is None:
+            self._feed(TrailersReceived(direction, Headers(trailers)))
+        while self.local is None and self.stream is not None and self.stream.ready():
+            self._wait_reply(0)
+
+    def _io_timeout(self, direction: Direction) -> float:
+        return self.timeouts.client if direction is Direction.REQUEST else self.timeouts.upstream
+
+    def _time_left(self) -> float:
+        if self.deadline is None:
+            return UNTIMED_WAIT
+        return self.deadline - time.monotonic()
+
+    def _wait_reply(self, timeout: float) -> None:
+        assert self.stream is not None
+        started = time.monotonic()
+        reply: Event
+        try:
+            response = self.stream.recv(timeout)
+            reply = ProcessorClosed(0) if response is None else ProcessorReplied(response)
+        except ProcessorTimeout:
+            reply = MessageTimedOut()
+        except ProcessorStreamError as err:
+            reply = ProcessorClosed(err.code, err.details)
+        self.stats.processor += time.monotonic() - started
+        if isinstance(reply, ProcessorReplied):
+            self.deadline = None  # Envoy stops the timer on every reply it processes
+        self._feed(reply)
+
+    def _feed(self, event: Event) -> None:
+        self._execute(self.exchange.handle(event))
+        if self.stream is not None and self.exchange.streams_replies:
+            self.stream.start_pump()
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendToProcessor):
+                self._send(action)
+            elif isinstance(action, ForwardHeaders):
+                self._forward_headers(action)
+            elif isinstance(action, ForwardBody):
+                self._forward_body(action)
+            elif isinstance(action, ForwardTrailers):
+                self._forward_trailers(action)
+            elif isinstance(action, RespondLocally):
+                self.local = action
+            elif isinstance(action, CloseStream):
+                self._close_stream()
+
+    def _send(self, action: SendToProcessor) -> None:
+        if self.stream is None:
+            self.stream = self.h.processor.open_stream()
+        self.stream.send(action.request)
+        if action.timed:
+            self.deadline = time.monotonic() + self.h.config.exchange.message_timeout
+
+    def _close_stream(self) -> None:
+        self.deadline = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    # Forwarding -------------------------------------------------------------------------
+
+    def _forward_headers(self, action: ForwardHeaders) -> None:
+        if action.direction is Direction.RESPONSE:
+            self._send_head(action.headers, action.body_length, action.end_of_stream)
+            return
+        method, target, wire_headers = wire.request_to_wire(
+            action.headers, action.body_length, not action.end_of_stream
+        )
         self.method = method
+        self.upstream_request = h11.Request(method=method, target=target, headers=wire_headers)
+        try:
+            self.upstream, self.upstream_reused = self.h.pool.acquire()
+        except UpstreamConnectError:
+            self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection failure")
+            return
+        self._to_upstream(self.upstream_request)
+        if action.end_of_stream:
+            self._to_upstream(h11.EndOfMessage())
+
+    def _forward_body(self, action: ForwardBody) -> None:
+        if action.direction is Direction.REQUEST:
+            if action.data:
+                self._to_upstream(h11.Data(data=action.data))
+            if action.end_of_stream:
+                self._to_upstream(h11.EndOfMessage())
+            return
+        if action.data:
+            self.stats.bytes_out += len(action.data)
+            self.down.conn.send(h11.Data(data=action.data), self.timeouts.client)
+        if action.end_of_stream:
+            self.down.conn.send(h11.EndOfMessage(), self.timeouts.client)
+
+    def _forward_trailers(self, action: ForwardTrailers) -> None:
+        trailers = [(n, v) for n, v in action.trailers]
+        if action.direction is Direction.REQUEST:
+            self._to_upstream(h11.EndOfMessage(headers=trailers))
+        else:
+            if self.down.conn.h11.their_http_version == b"1.0":
+                trailers = []  # an HTTP/1.0 client cannot receive trailers
+            self.down.conn.send(h11.EndOfMessage(headers=trailers), self.timeouts.client)
+
+    def _to_upstream(self, event: Any) -> None:
+        if self.upstream is None or self.proxy_response is not None:
+            return
+        try:
+            self.upstream.send(event, self.timeouts.upstream)
+        except OSError:
+            self._close_upstream()
+            self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection termination")
+
+    def _close_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+
+    # Upstream response ------------------------------------------------------------------
+
+    def _await_upstream_head(self) -> None:
         started = time.monotonic()
         try:
-            conn, reused = self.h.pool.acquire()
-        except UpstreamConnectError:
-            return _proxy_response(503, UPSTREAM_RESET + b"connection failure")
-        self.upstream = conn
-        request = h11.Request(method=method, target=target, headers=wire_headers)
-        try:
-            conn.send(request, self.h.config.timeouts.upstream)
-            if has_body:
-                self._relay_request_body(conn)
-            else:
-                conn.send(h11.EndOfMessage(), self.h.config.timeouts.upstream)
-            response = self._read_response_head(conn)
+            self._response_head = self._read_response_head()
         except (OSError, h11.ProtocolError) as err:
-            conn.close()
-            self.upstream = None
-            if reused and not has_body and not isinstance(err, TimeoutError):
-                # A kept-alive connection the upstream had just closed: try once more afresh.
-                return self._call_upstream(headers, has_body, length)
+            self._close_upstream()
             if isinstance(err, TimeoutError):
-                return _proxy_response(504, b"upstream request timeout")
-            return _proxy_response(503, UPSTREAM_RESET + b"connection termination")
+                self.proxy_response = _ProxyResponse(504, b"upstream request timeout")
+            elif self._retry_on_fresh_connection():
+                self._await_upstream_head()
+            else:
+                self.proxy_response = _ProxyResponse(
+                    503, UPSTREAM_RESET + b"connection termination"
+                )
         finally:
             self.stats.upstream += time.monotonic() - started
-        return response
 
-    def _relay_request_body(self, up: Http1Connection) -> None:
-        timeouts = self.h.config.timeouts
-        while True:
-            try:
-                event = self.down.conn.next_event(timeouts.client)
-            except (h11.RemoteProtocolError, TimeoutError) as err:
-                raise ConnectionAborted("request body") from err
-            if isinstance(event, h11.Data):
-                self.stats.bytes_in += len(event.data)
-                up.send(event, timeouts.upstream)
-            elif isinstance(event, h11.EndOfMessage):
-                up.send(h11.EndOfMessage(headers=event.headers), timeouts.upstream)
-                return
-            else:
-                raise ConnectionAborted("client closed mid-body")
+    def _retry_on_fresh_connection(self) -> bool:
+        """A kept-alive connection the upstream had just closed: once more, afresh.
 
-    def _read_response_head(self, conn: Http1Connection) -> _Response:
+        Only for a request without a body, which can be sent again as it was.
+        """
+        request = self.upstream_request
+        if (
+            not self.upstream_reused
+            or request is None
+            or wire.request_body_framing(request.headers)[0]
+        ):
+            return False
+        try:
+            self.upstream, self.upstream_reused = self.h.pool.acquire()
+            self.upstream.send(request, self.timeouts.upstream)
+            self.upstream.send(h11.EndOfMessage(), self.timeouts.upstream)
+        except (UpstreamConnectError, OSError):
+            self._close_upstream()
+            return False
+        self.upstream_reused = False
+        return True
+
+    def _read_response_head(self) -> tuple[Headers, bool]:
+        assert self.upstream is not None
         while True:
-            event = conn.next_event(self.h.config.timeouts.upstream)
+            event = self.upstream.next_event(self.timeouts.upstream)
             if isinstance(event, h11.Response):
                 break
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -306,67 +426,64 @@ class _RequestRun:
             # Other 1xx: Expect was answered here, so these are dropped.
         allowed = wire.response_may_have_body(event.status_code, self.method)
         length = wire.response_body_length(event.headers) if allowed else 0
-        return _Response(
-            headers=wire.response_from_wire(event.status_code, event.headers),
-            end_of_stream=not allowed or length == 0,
-            length=length,
-            upstream=conn,
-        )
+        headers = wire.response_from_wire(event.status_code, event.headers)
+        return headers, not allowed or length == 0
+
+    def _read_upstream_body(self, timeout: float) -> BodyPiece:
+        assert self.upstream is not None
+        try:
+            return self.upstream.read_body(timeout)
+        except (OSError, h11.ProtocolError) as err:
+            # Never let a truncated body pass for a complete one: drop the connection.
+            self._close_upstream()
+            raise ConnectionAborted("upstream broke mid-response") from err
+
+    def _read_proxy_body(self, timeout: float) -> BodyPiece:
+        assert self.proxy_response is not None
+        return self.proxy_response.body, True, None
+
+    def _read_request_body(self, timeout: float) -> BodyPiece:
+        try:
+            return self.down.conn.read_body(timeout)
+        except (h11.RemoteProtocolError, ConnectionResetError) as err:
+            raise ConnectionAborted("request body") from err
 
     # Downstream -------------------------------------------------------------------------
 
     def _reply_locally(self, reply: RespondLocally) -> None:
+        if self.response_started:
+            # Envoy resets the stream: on HTTP/1.1 the connection goes, mid-response.
+            raise ConnectionAborted(f"local reply after the response started: {reply.details}")
+        self._close_upstream()
         self.stats.status = reply.status
         allowed = wire.response_may_have_body(reply.status, self.method)
-        self._send_head(reply.headers, len(reply.body), body_allowed=allowed)
-        self._send_body_and_end(reply.body if allowed else b"")
+        self._send_head(
+            reply.headers, len(reply.body), not allowed or not reply.body, allowed=allowed
+        )
+        if allowed and reply.body:
+            self._forward_body(ForwardBody(Direction.RESPONSE, reply.body, True))
 
-    def _send_response(self, headers: Headers, response: _Response) -> None:
+    def _send_head(
+        self, headers: Headers, length: int | None, end_of_stream: bool, allowed: bool | None = None
+    ) -> None:
         status = int(headers.get(b":status") or b"502")
-        self.stats.status = status
-        allowed = wire.response_may_have_body(status, self.method)
-        self._send_head(headers, response.length, body_allowed=allowed)
-        up = response.upstream
-        if up is None:
-            self._send_body_and_end(response.body)
-            return
-        timeouts = self.h.config.timeouts
-        while True:
-            try:
-                event = up.next_event(timeouts.upstream)
-            except (OSError, h11.RemoteProtocolError) as err:
-                # Never let a truncated body pass for a complete one: drop the connection.
-                up.close()
-                self.upstream = None
-                raise ConnectionAborted("upstream broke mid-response") from err
-            if isinstance(event, h11.Data):
-                self.stats.bytes_out += len(event.data)
-                self.down.conn.send(event, timeouts.client)
-            elif isinstance(event, h11.EndOfMessage):
-                self.down.conn.send(h11.EndOfMessage(headers=event.headers), timeouts.client)
-                return
-            else:
-                up.close()
-                self.upstream = None
-                raise ConnectionAborted("upstream closed mid-response")
-
-    def _send_head(self, headers: Headers, length: int | None, body_allowed: bool) -> None:
-        status, reason, wire_headers = wire.response_to_wire(headers, length, body_allowed)
+        if allowed is None:
+            allowed = wire.response_may_have_body(status, self.method)
+        if end_of_stream and allowed:
+            length = 0
+        status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
         if self.down.conn.h11.their_state is not h11.DONE:
             # The request body was not read (local reply): the connection cannot be reused.
             wire_headers.append((b"connection", b"close"))
             self.close_after = True
+        self.stats.status = status
         self.down.conn.send(
             h11.Response(status_code=status, reason=reason, headers=wire_headers),
-            self.h.config.timeouts.client,
+            self.timeouts.client,
         )
-
-    def _send_body_and_end(self, body: bytes) -> None:
-        timeout = self.h.config.timeouts.client
-        if body:
-            self.stats.bytes_out += len(body)
-            self.down.conn.send(h11.Data(data=body), timeout)
-        self.down.conn.send(h11.EndOfMessage(), timeout)
+        self.response_started = True
+        if end_of_stream:
+            self.down.conn.send(h11.EndOfMessage(), self.timeouts.client)
 
     def finish(self) -> None:
         """Release everything the request held and write its access-log entry."""
@@ -389,15 +506,3 @@ class _RequestRun:
             details=outcome.details,
             failed_open=outcome.failed_open,
         )
-
-
-def _proxy_response(status: int, body: bytes) -> _Response:
-    """A reply the proxy makes in the upstream's place; it still goes through ext_proc."""
-    headers = Headers(
-        [
-            (b":status", str(status).encode()),
-            (b"content-length", str(len(body)).encode()),
-            (b"content-type", b"text/plain"),
-        ]
-    )
-    return _Response(headers=headers, end_of_stream=False, length=len(body), body=body)

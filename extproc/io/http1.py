@@ -54,6 +54,27 @@ class Http1Connection:
                 data = b""
             self.h11.receive_data(data)
 
+    def read_body(self, timeout: float) -> tuple[bytes, bool, list[tuple[bytes, bytes]] | None]:
+        """The next piece of a message body: all the data one read brought, whether the
+        message ended, and its trailers if it ended with some.
+
+        Like Envoy's codec, one socket read is one piece: data h11 already holds is joined,
+        and an end of message right behind the data ends the same piece.
+        """
+        parts: list[bytes] = []
+        event = self.next_event(timeout)
+        while True:
+            if isinstance(event, h11.Data):
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = [(n, v) for n, v in event.headers] or None
+                return _join(parts), trailers is None, trailers
+            else:
+                raise ConnectionResetError(f"peer ended the message early ({event!r})")
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                return _join(parts), False, None
+
     def buffered_event_ready(self) -> bool:
         """Whether bytes already received hold (part of) another message, e.g. pipelining."""
         return bool(self.h11.trailing_data[0])
@@ -68,6 +89,10 @@ class Http1Connection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def _join(parts: list[bytes]) -> bytes:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _sendall(sock: socket.socket, pieces: Sequence[bytes | bytearray | memoryview]) -> None:

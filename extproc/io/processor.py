@@ -4,6 +4,10 @@ The synchronous stub takes a request iterator and gRPC pulls it on a thread of i
 stream is fed through a queue-backed generator that ends on a ``None`` sentinel (the half-close).
 ``next(call)`` cannot time out (grpc/grpc#20562): a single shared watchdog thread cancels a
 call whose reply is late, and :meth:`ProcessorStream.recv` reports that as a timeout.
+
+Where replies may come while the worker is busy reading a body (STREAMED, FULL_DUPLEX_STREAMED),
+a pump task on a shared pool drains the call into a queue instead, so the worker can look for
+replies without blocking (:meth:`ProcessorStream.ready`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -85,10 +91,18 @@ class Watchdog:
                     timer.callback()
 
 
+@dataclass(frozen=True, slots=True)
+class _End:
+    """The pump's last item: how the stream ended."""
+
+    code: int
+    details: str
+
+
 class ProcessorClient:
     """One gRPC channel to the processor, shared by every worker thread of the process."""
 
-    def __init__(self, settings: ProcessorSettings) -> None:
+    def __init__(self, settings: ProcessorSettings, max_streams: int = 64) -> None:
         self.settings = settings
         options: list[tuple[str, str | int]] = []
         if settings.authority:
@@ -101,6 +115,8 @@ class ProcessorClient:
             )
         self._process = ep_grpc.ExternalProcessorStub(self._channel).Process
         self.watchdog = Watchdog()
+        # Pump threads are started on demand and reused: none is started per request.
+        self.pumps = ThreadPoolExecutor(max_streams, thread_name_prefix="extproc-pump")
 
     def open_stream(self) -> ProcessorStream:
         return ProcessorStream(self)
@@ -116,18 +132,20 @@ class ProcessorClient:
     def close(self) -> None:
         self.watchdog.stop()
         self._channel.close()
+        self.pumps.shutdown(wait=True, cancel_futures=True)
 
 
 class ProcessorStream:
     """One Process stream; opened on the first :meth:`send`."""
 
-    __slots__ = ("_client", "_queue", "_call", "_expired")
+    __slots__ = ("_client", "_queue", "_call", "_expired", "_replies")
 
     def __init__(self, client: ProcessorClient) -> None:
         self._client = client
         self._queue: queue.SimpleQueue[ep.ProcessingRequest | None] = queue.SimpleQueue()
         self._call: Any = None
         self._expired = False
+        self._replies: queue.SimpleQueue[ep.ProcessingResponse | _End] | None = None
 
     def _requests(self) -> Iterator[ep.ProcessingRequest]:
         while (request := self._queue.get()) is not None:
@@ -138,12 +156,24 @@ class ProcessorStream:
         if self._call is None:
             self._call = self._client.start_call(self._requests())
 
+    def start_pump(self) -> None:
+        """From now on, replies are drained into a queue by a pool thread."""
+        if self._replies is None and self._call is not None:
+            self._replies = queue.SimpleQueue()
+            self._client.pumps.submit(_pump, self._call, self._replies)
+
+    def ready(self) -> bool:
+        """Whether a reply (or the end) is waiting; only meaningful once pumped."""
+        return self._replies is not None and not self._replies.empty()
+
     def recv(self, timeout: float) -> ep.ProcessingResponse | None:
         """The next reply, or None when the processor closed the stream with OK.
 
         Raises :class:`ProcessorTimeout` after ``timeout`` seconds and
         :class:`ProcessorStreamError` when the stream ends with another status.
         """
+        if self._replies is not None:
+            return self._recv_pumped(timeout)
         call = self._call
         assert call is not None, "recv before send"
         timer = self._client.watchdog.arm(timeout, self._expire)
@@ -162,6 +192,19 @@ class ProcessorStream:
             raise ProcessorTimeout(f"no reply within {timeout:g}s")
         return response
 
+    def _recv_pumped(self, timeout: float) -> ep.ProcessingResponse | None:
+        assert self._replies is not None
+        try:
+            item = self._replies.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            raise ProcessorTimeout(f"no reply within {timeout:g}s") from None
+        if isinstance(item, _End):
+            self._replies.put(item)  # the end stays the answer to every later recv
+            if item.code == 0:
+                return None
+            raise ProcessorStreamError(item.code, item.details)
+        return item
+
     def _expire(self) -> None:
         self._expired = True
         if self._call is not None:
@@ -173,3 +216,14 @@ class ProcessorStream:
             self._queue.put(None)
             self._call.cancel()
             self._call = None
+
+
+def _pump(call: Any, replies: queue.SimpleQueue[ep.ProcessingResponse | _End]) -> None:
+    try:
+        for response in call:
+            replies.put(response)
+    except grpc.RpcError as err:
+        code: grpc.StatusCode = err.code()
+        replies.put(_End(code.value[0], err.details() or ""))
+        return
+    replies.put(_End(0, ""))

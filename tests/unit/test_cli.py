@@ -75,7 +75,7 @@ def test_config_file_and_cluster_flag(served: Served, tmp_path: Path) -> None:
 
 def test_config_errors_exit_2_naming_the_field(served: Served, tmp_path: Path) -> None:
     path = tmp_path / "filter.yaml"
-    path.write_text("processing_mode:\n  request_body_mode: STREAMED\n")
+    path.write_text("processing_mode:\n  request_body_mode: GRPC\n")
     result = invoke(
         "--listen", ":1", "--upstream", "127.0.0.1:2", "--processor", "h:1", "--config", str(path)
     )

@@ -97,12 +97,16 @@ def test_filter_accepts_an_envoy_http_filters_entry() -> None:
     [
         ({"observability_mode": True}, "ext_proc.observability_mode"),
         (
-            {"processing_mode": {"request_body_mode": "BUFFERED"}},
+            {"processing_mode": {"request_body_mode": "GRPC"}},
             "ext_proc.processing_mode.request_body_mode",
         ),
         (
-            {"processing_mode": {"response_trailer_mode": "SEND"}},
+            {"processing_mode": {"response_body_mode": "FULL_DUPLEX_STREAMED"}},
             "ext_proc.processing_mode.response_trailer_mode",
+        ),
+        (
+            {"allowed_override_modes": [{"request_body_mode": "GRPC"}]},
+            "ext_proc.allowed_override_modes[0].request_body_mode",
         ),
         (
             {
@@ -115,7 +119,14 @@ def test_filter_accepts_an_envoy_http_filters_entry() -> None:
         ),
         ({"message_timeout": "4000s"}, "ext_proc.message_timeout"),
     ],
-    ids=["observability", "body-mode", "trailer-mode", "grpc-retry", "timeout-range"],
+    ids=[
+        "observability",
+        "grpc-body-mode",
+        "duplex-needs-trailers",
+        "grpc-override",
+        "grpc-retry",
+        "timeout-range",
+    ],
 )
 def test_unsupported_fields_are_refused_by_name(data: dict[str, object], option: str) -> None:
     file = FileConfig(filter=parse_filter(data, "ext_proc"))

@@ -6,20 +6,19 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.core.exchange import (
+from extproc.core.events import (
     Action,
     CloseStream,
     Direction,
-    Exchange,
     ForwardHeaders,
+    HeadersReceived,
     MessageTimedOut,
     ProcessorClosed,
     ProcessorReplied,
-    RequestHeadersReceived,
     RespondLocally,
-    ResponseHeadersReceived,
     SendToProcessor,
 )
+from extproc.core.exchange import Exchange
 from extproc.core.mutations import MutationRules
 from extproc.core.settings import ExchangeSettings
 from extproc.models import Headers
@@ -65,7 +64,7 @@ def sent(actions: list[Action]) -> ep.ProcessingRequest:
 
 def test_default_mode_sends_both_header_phases_then_closes() -> None:
     ex = Exchange(settings())
-    first = sent(ex.handle(RequestHeadersReceived(REQUEST.copy(), True)))
+    first = sent(ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True)))
     assert first.WhichOneof("request") == "request_headers"
     assert first.request_headers.end_of_stream
     assert first.HasField("protocol_config") and first.HasField("metadata_context")
@@ -81,7 +80,7 @@ def test_default_mode_sends_both_header_phases_then_closes() -> None:
     assert actions[0].headers.get(b"x-b") == b"2"
     assert not ex.awaiting_reply
 
-    second = sent(ex.handle(ResponseHeadersReceived(RESPONSE.copy(), False)))
+    second = sent(ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE.copy(), False)))
     assert second.WhichOneof("request") == "response_headers"
     assert not second.HasField("protocol_config")
     assert not second.response_headers.end_of_stream
@@ -99,26 +98,28 @@ def test_skip_both_sends_nothing() -> None:
             )
         )
     )
-    assert ex.handle(RequestHeadersReceived(REQUEST, True)) == [
-        ForwardHeaders(Direction.REQUEST, REQUEST)
+    assert ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True)) == [
+        ForwardHeaders(Direction.REQUEST, REQUEST, True, None)
     ]
-    assert ex.handle(ResponseHeadersReceived(RESPONSE, True)) == [
-        ForwardHeaders(Direction.RESPONSE, RESPONSE)
+    assert ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True)) == [
+        ForwardHeaders(Direction.RESPONSE, RESPONSE, True, None)
     ]
     assert not ex.stream_open
 
 
 def test_skip_response_closes_after_request_headers_reply() -> None:
     ex = Exchange(settings(processing_mode=mode(response_header_mode=ProcessingMode.SKIP)))
-    sent(ex.handle(RequestHeadersReceived(REQUEST.copy(), True)))
+    sent(ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True)))
     actions = ex.handle(reply(request_headers=ep.HeadersResponse()))
     assert [type(a) for a in actions] == [ForwardHeaders, CloseStream]
 
 
 def test_skip_request_headers_opens_stream_on_response_with_protocol_config() -> None:
     ex = Exchange(settings(processing_mode=mode(request_header_mode=ProcessingMode.SKIP)))
-    assert isinstance(ex.handle(RequestHeadersReceived(REQUEST, True))[0], ForwardHeaders)
-    message = sent(ex.handle(ResponseHeadersReceived(RESPONSE, True)))
+    assert isinstance(
+        ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))[0], ForwardHeaders
+    )
+    message = sent(ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True)))
     assert message.HasField("protocol_config")
 
 
@@ -139,7 +140,7 @@ def local(actions: list[Action]) -> RespondLocally:
 
 def test_immediate_response_on_request_headers() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     out = local(ex.handle(immediate()))
     assert out.status == 403 and out.body == b"denied" and out.details == "x_y"
     assert out.headers.regular() == [
@@ -154,13 +155,13 @@ def test_immediate_response_on_request_headers() -> None:
 def test_immediate_response_without_status_or_below_200_is_200() -> None:
     for code in (0, 100):
         ex = Exchange(settings())
-        ex.handle(RequestHeadersReceived(REQUEST, True))
+        ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
         assert local(ex.handle(immediate(code))).status == 200
 
 
 def test_immediate_response_empty_body_has_no_length_or_type() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     out = local(ex.handle(immediate(302, b"")))
     assert out.headers.get(b"content-length") is None
     assert out.headers.get(b"content-type") is None
@@ -168,15 +169,15 @@ def test_immediate_response_empty_body_has_no_length_or_type() -> None:
 
 def test_immediate_response_on_response_headers() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     ex.handle(reply(request_headers=ep.HeadersResponse()))
-    ex.handle(ResponseHeadersReceived(RESPONSE, False))
+    ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, False))
     assert local(ex.handle(immediate(401))).status == 401
 
 
 def test_disabled_immediate_response_is_spurious() -> None:
     ex = Exchange(settings(disable_immediate_response=True))
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     out = local(ex.handle(immediate()))
     assert out.status == 500
     assert out.details == "unhandled_immediate_response_due_to_config_disabled_it"
@@ -185,79 +186,79 @@ def test_disabled_immediate_response_is_spurious() -> None:
 
 def test_spurious_reply_fails_closed_with_status_on_error() -> None:
     ex = Exchange(settings(status_on_error=503))
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     out = local(ex.handle(reply(response_headers=ep.HeadersResponse())))
     assert (out.status, out.details, out.body) == (503, "spurious_message", b"")
 
 
 def test_empty_reply_is_unhandled() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     assert local(ex.handle(reply())).details == "unhandled_message"
 
 
 def test_spurious_reply_fails_open_with_failure_mode_allow() -> None:
     ex = Exchange(settings(failure_mode_allow=True))
-    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True))
     actions = ex.handle(reply(response_headers=ep.HeadersResponse()))
-    assert actions == [CloseStream(), ForwardHeaders(Direction.REQUEST, REQUEST)]
+    assert actions == [CloseStream(), ForwardHeaders(Direction.REQUEST, REQUEST, True, None)]
     assert ex.outcome.failed_open
-    assert ex.handle(ResponseHeadersReceived(RESPONSE, True)) == [
-        ForwardHeaders(Direction.RESPONSE, RESPONSE)
+    assert ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True)) == [
+        ForwardHeaders(Direction.RESPONSE, RESPONSE, True, None)
     ]
 
 
 def test_grpc_error_fails_closed() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     out = local(ex.handle(ProcessorClosed(13, "boom")))
     assert (out.status, out.details) == (500, "ext_proc_error_gRPC_error_13{boom}")
 
 
 def test_grpc_error_fails_open_unmodified() -> None:
     ex = Exchange(settings(failure_mode_allow=True))
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     assert ex.handle(ProcessorClosed(14, "down")) == [
         CloseStream(),
-        ForwardHeaders(Direction.REQUEST, REQUEST),
+        ForwardHeaders(Direction.REQUEST, REQUEST, True, None),
     ]
     assert ex.outcome.stream_error == 14
 
 
 def test_timeout_is_504_not_status_on_error() -> None:
     ex = Exchange(settings(status_on_error=503))
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     out = local(ex.handle(MessageTimedOut()))
     assert (out.status, out.details) == (504, "ext_proc_error_per-message_timeout_exceeded")
 
 
 def test_timeout_fails_open_with_failure_mode_allow() -> None:
     ex = Exchange(settings(failure_mode_allow=True))
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     ex.handle(reply(request_headers=ep.HeadersResponse()))
-    ex.handle(ResponseHeadersReceived(RESPONSE, True))
+    ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True))
     assert ex.handle(MessageTimedOut()) == [
         CloseStream(),
-        ForwardHeaders(Direction.RESPONSE, RESPONSE),
+        ForwardHeaders(Direction.RESPONSE, RESPONSE, True, None),
     ]
 
 
 def test_ok_close_releases_unmodified_and_stops_processing() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     assert ex.handle(ProcessorClosed(0)) == [
         CloseStream(),
-        ForwardHeaders(Direction.REQUEST, REQUEST),
+        ForwardHeaders(Direction.REQUEST, REQUEST, True, None),
     ]
     assert ex.outcome.server_closed and not ex.outcome.failed_open
-    assert ex.handle(ResponseHeadersReceived(RESPONSE, True)) == [
-        ForwardHeaders(Direction.RESPONSE, RESPONSE)
+    assert ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True)) == [
+        ForwardHeaders(Direction.RESPONSE, RESPONSE, True, None)
     ]
 
 
 def test_mutation_error_fails_closed_even_with_failure_mode_allow() -> None:
     ex = Exchange(settings(failure_mode_allow=True))
-    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True))
     out = local(
         ex.handle(
             reply(request_headers=ep.HeadersResponse(response=set_header("x-a", b"bad\r\nvalue")))
@@ -268,7 +269,7 @@ def test_mutation_error_fails_closed_even_with_failure_mode_allow() -> None:
 
 def test_rejected_mutations_are_counted_and_request_continues() -> None:
     ex = Exchange(settings(rules=MutationRules()))
-    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True))
     actions = ex.handle(
         reply(request_headers=ep.HeadersResponse(response=set_header("x-envoy-a", b"1")))
     )
@@ -278,7 +279,7 @@ def test_rejected_mutations_are_counted_and_request_continues() -> None:
 
 def test_continue_and_replace_may_change_method() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST.copy(), True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True))
     common = set_header(":method", b"POST")
     common.status = ep.CommonResponse.CONTINUE_AND_REPLACE
     actions = ex.handle(reply(request_headers=ep.HeadersResponse(response=common)))
@@ -288,7 +289,7 @@ def test_continue_and_replace_may_change_method() -> None:
 
 def test_override_message_timeout_is_not_the_reply() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     response = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
     response.override_message_timeout.FromMilliseconds(500)
     assert ex.handle(ProcessorReplied(response)) == []
@@ -297,9 +298,9 @@ def test_override_message_timeout_is_not_the_reply() -> None:
 
 def test_late_error_after_completion_changes_nothing() -> None:
     ex = Exchange(settings())
-    ex.handle(RequestHeadersReceived(REQUEST, True))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     ex.handle(reply(request_headers=ep.HeadersResponse()))
-    ex.handle(ResponseHeadersReceived(RESPONSE, True))
+    ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True))
     ex.handle(reply(response_headers=ep.HeadersResponse()))
     assert ex.handle(ProcessorClosed(1, "cancelled")) == []
     assert ex.handle(MessageTimedOut()) == []
