@@ -75,6 +75,7 @@ class _Side:
     trailer_mode: int
     awaiting: Awaiting = Awaiting.IDLE
     started: bool = False
+    headers_eos: bool = False
     held: Headers | None = None  # the head, until released
     released: bool = False
     strip_length: bool = False
@@ -190,7 +191,7 @@ class Exchange:
 
     def _on_headers(self, side: _Side, headers: Headers, eos: bool) -> list[Action]:
         side.started = True
-        side.input_done = eos
+        side.headers_eos = side.input_done = eos
         length = headers.get(b"content-length")
         side.original_length = int(length) if length is not None and length.isdigit() else None
         header_mode = self._header_mode(side)
@@ -210,7 +211,7 @@ class Exchange:
 
     def _on_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         side.input_done = eos
-        if side.discard:
+        if side.discard or (not data and not eos):
             return []
         if self.complete or side.passthrough:
             return self._forward_body(side, data, eos)
@@ -443,7 +444,7 @@ class Exchange:
             return self._replace(side, headers, common)
         if side.body_mode in (modes.BUFFERED, modes.BUFFERED_PARTIAL) and not side.input_done:
             return []  # held until the body reply
-        if side.body_mode == modes.FULL_DUPLEX_STREAMED and not side.input_done:
+        if side.body_mode == modes.FULL_DUPLEX_STREAMED and not side.headers_eos:
             return []  # released with the first body the processor streams back
         actions = self._release(side, headers)
         if side.body_mode == modes.STREAMED and side.chunks:

@@ -92,7 +92,8 @@ class Http1Connection:
 
 
 def _join(parts: list[bytes]) -> bytes:
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    # h11 hands out bytearrays; protobuf bytes fields want bytes.
+    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
 
 def _sendall(sock: socket.socket, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
