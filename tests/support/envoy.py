@@ -105,8 +105,18 @@ def build_bootstrap(
     processor: tuple[str, int],
     ext_proc: dict[str, Any] | None = None,
     hcm: dict[str, Any] | None = None,
+    trailers: bool = False,
+    buffer_limit_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """The bootstrap: one HTTP/1.1 listener, ext_proc then router, two static clusters."""
+    """The bootstrap: one HTTP/1.1 listener, ext_proc then router, two static clusters.
+
+    ``trailers`` makes Envoy's HTTP/1 codec keep trailers, which it drops by default: it sets
+    ``http_protocol_options.enable_trailers`` on the HCM (downstream) and on the upstream
+    cluster. ``buffer_limit_bytes`` sets the listener's ``per_connection_buffer_limit_bytes``
+    (default 1 MiB), which is also each HTTP stream's buffer limit in both directions: the limit
+    that BUFFERED body processing enforces (413 / 500).
+    """
+    http1_options: dict[str, Any] = {"enable_trailers": True} if trailers else {}
     filter_config = copy.deepcopy(ext_proc or {})
     if not any(k in filter_config for k in ("grpc_service", "grpcService", "http_service")):
         filter_config["grpc_service"] = {"envoy_grpc": {"cluster_name": "ext_proc"}}
@@ -130,8 +140,10 @@ def build_bootstrap(
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}},
         ],
     }
+    if trailers:
+        manager["http_protocol_options"] = dict(http1_options)
     manager = _merge(manager, hcm or {})
-    listener = {
+    listener: dict[str, Any] = {
         "name": "ingress",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
         "filter_chains": [
@@ -145,12 +157,14 @@ def build_bootstrap(
             }
         ],
     }
+    if buffer_limit_bytes is not None:
+        listener["per_connection_buffer_limit_bytes"] = buffer_limit_bytes
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
             "listeners": [listener],
             "clusters": [
-                _static_cluster("upstream", upstream, {"http_protocol_options": {}}),
+                _static_cluster("upstream", upstream, {"http_protocol_options": http1_options}),
                 _static_cluster("ext_proc", processor, {"http2_protocol_options": {}}),
             ],
         },
@@ -173,11 +187,19 @@ class EnvoyProxy:
         workdir: Path,
         concurrency: int = 1,
         hcm: dict[str, Any] | None = None,
+        trailers: bool = False,
+        buffer_limit_bytes: int | None = None,
     ) -> None:
+        """``trailers`` and ``buffer_limit_bytes``: see build_bootstrap."""
         self.workdir = Path(workdir)
         self.concurrency = concurrency
         self.bootstrap = build_bootstrap(
-            upstream=upstream, processor=processor, ext_proc=ext_proc, hcm=hcm
+            upstream=upstream,
+            processor=processor,
+            ext_proc=ext_proc,
+            hcm=hcm,
+            trailers=trailers,
+            buffer_limit_bytes=buffer_limit_bytes,
         )
         self.config_path = self.workdir / "envoy.json"
         self.log_path = self.workdir / "envoy.log"

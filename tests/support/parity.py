@@ -148,6 +148,20 @@ def message_view(request: ep.ProcessingRequest, echo: int | None = None) -> dict
         # A `value` filled instead of raw_value would be a difference too.
         view["value_fields"] = [h.key for h in message.headers.headers if h.value]
         view["end_of_stream"] = message.end_of_stream
+    elif kind in ("request_body", "response_body"):
+        body = getattr(request, kind)
+        view["body"] = bytes(body.body)
+        view["end_of_stream"] = body.end_of_stream
+        # Only meaningful in GRPC body mode, which neither proxy implements: must stay unset.
+        view["grpc_flags"] = [
+            name
+            for name in ("end_of_stream_without_message", "grpc_message_compressed")
+            if getattr(body, name)
+        ]
+    elif kind in ("request_trailers", "response_trailers"):
+        trailers = getattr(request, kind).trailers.headers
+        view["trailers"] = [(h.key, bytes(h.raw_value).decode("latin-1")) for h in trailers]
+        view["value_fields"] = [h.key for h in trailers if h.value]
     view["protocol_config"] = (
         json_format.MessageToDict(request.protocol_config)
         if request.HasField("protocol_config")

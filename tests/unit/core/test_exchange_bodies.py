@@ -71,6 +71,11 @@ def sent(actions: list[Action]) -> list[tuple[str, Any]]:
     return out
 
 
+def request_of(actions: list[Action]) -> ep.ProcessingRequest:
+    assert isinstance(actions[0], SendToProcessor), actions
+    return actions[0].request
+
+
 def forwarded(actions: list[Action]) -> list[Any]:
     out: list[Any] = []
     for a in actions:
@@ -107,7 +112,7 @@ def test_none_mode_streams_body_and_sends_trailers() -> None:
 def test_buffered_holds_headers_until_the_body_reply() -> None:
     ex = exchange(request_body_mode=PM.BUFFERED, response_header_mode=PM.SKIP)
     first = ex.handle(HeadersReceived(REQ, head(5), False))
-    assert first[0].request.request_headers.headers.headers[-1].key == "content-length"
+    assert request_of(first).request_headers.headers.headers[-1].key == "content-length"
     assert ex.handle(reply(request_headers=ep.HeadersResponse())) == []
     assert ex.wants_input(REQ)
     assert ex.handle(BodyReceived(REQ, b"ab", False)) == []
@@ -160,7 +165,7 @@ def test_buffered_body_flushed_by_trailers_is_not_end_of_stream() -> None:
     ex.handle(reply(request_headers=ep.HeadersResponse()))
     ex.handle(BodyReceived(REQ, b"ab", False))
     actions = ex.handle(TrailersReceived(REQ, Headers([(b"x-t", b"1")])))
-    assert actions[0].request.request_body.end_of_stream is False  # type: ignore[union-attr]
+    assert request_of(actions).request_body.end_of_stream is False
     out = ex.handle(reply(request_body=ep.BodyResponse()))
     assert forwarded(out) == [("headers", False, None), ("body", b"ab", False)]
     assert sent(out) == [("request_trailers", None)]
@@ -213,7 +218,7 @@ def test_buffered_partial_sends_the_first_part_then_passes_through() -> None:
     assert ex.handle(BodyReceived(REQ, b"ab", False)) == []
     actions = ex.handle(BodyReceived(REQ, b"cd", False))
     assert sent(actions) == [("request_body", b"abcd")]
-    assert actions[0].request.request_body.end_of_stream is False  # type: ignore[union-attr]
+    assert request_of(actions).request_body.end_of_stream is False
     assert not ex.wants_input(REQ)
     out = ex.handle(reply(request_body=ep.BodyResponse(response=body_mutation(b"AB"))))
     assert forwarded(out) == [("headers", False, None), ("body", b"AB", False)]
