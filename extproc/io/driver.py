@@ -244,6 +244,9 @@ class _RequestRun:
 
     def _read_into(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
         left = self._time_left()
+        if left <= 0:
+            self._wait_reply(0)  # the message deadline passed: a reply now, or the timeout
+            return
         try:
             data, eos, trailers = read(min(left, self._io_timeout(direction)))
         except TimeoutError:
