@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 ENVOY_BIN := $(abspath $(ENVOY_VENV))/lib/python3.11/site-packages/envoy/_bin/envoy
 export EXTPROC_ENVOY_BIN ?= $(ENVOY_BIN)
 
-.PHONY: all venv envoy demo test unit lint typecheck soak bench bench-tools clean
+.PHONY: all venv envoy demo test unit lint typecheck soak bench bench-tools bench-memory clean
 BENCH_ARGS ?=
+BENCH_MEMORY_ARGS ?=
 
 all: test
 
@@ -52,6 +53,10 @@ bench-tools:
 
 bench: venv envoy bench-tools
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# 1 GiB bodies through NONE and STREAMED, and 1,000 idle connections: extproc's RSS.
+bench-memory: venv
+	$(BIN)/python bench/memory.py $(BENCH_MEMORY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ENVOY_VENV) .mypy_cache .ruff_cache .pytest_cache

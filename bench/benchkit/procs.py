@@ -200,3 +200,43 @@ def read_cpu(target: Proc, processor: Proc, upstream: Proc) -> CpuReading:
         system=system_busy_seconds(),
         wall=time.monotonic(),
     )
+
+
+def _status_kib(pid: int, key: str) -> int:
+    """One ``Key:   123 kB`` line of /proc/PID/status (the whole process, all threads), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no {key} line")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` right now (VmRSS)."""
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The kernel's high-water mark of `pid`'s resident memory (VmHWM), since start or reset."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Restart VmHWM from the current RSS (proc(5) clear_refs "5"); False if not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def open_files_limit(pid: int) -> str:
+    """`pid`'s soft/hard RLIMIT_NOFILE as /proc/PID/limits shows them, e.g. "1024/4096"."""
+    try:
+        text = Path(f"/proc/{pid}/limits").read_text()
+    except OSError:
+        return "?"
+    for line in text.splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return f"{soft}/{hard}"
+    return "?"

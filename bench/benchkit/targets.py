@@ -12,6 +12,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +102,36 @@ def start_nginx(workdir: Path) -> Proc:
     return proc
 
 
-def start_processor(workdir: Path) -> Proc:
+def _start_benchkit_module(workdir: Path, module: str, name: str) -> Proc:
+    """`python -m benchkit.<module> PORT`, importable from bench/, listening."""
     port = free_port()
     env = _child_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "benchkit.processor", str(port)]
-    proc = Proc("processor", command, port, workdir / "processor.log", env)
+    command = [sys.executable, "-m", f"benchkit.{module}", str(port)]
+    proc = Proc(name, command, port, workdir / f"{name}.log", env)
     proc.wait_listening()
     return proc
 
 
-def start_extproc(workdir: Path, upstream: int, processor: int, *, skip: bool) -> Proc:
+def start_processor(workdir: Path) -> Proc:
+    return _start_benchkit_module(workdir, "processor", "processor")
+
+
+def start_bulk_upstream(workdir: Path) -> Proc:
+    """The large-body upstream of the memory benchmark (`benchkit.bulk_upstream`)."""
+    return _start_benchkit_module(workdir, "bulk_upstream", "bulk-upstream")
+
+
+def start_extproc(
+    workdir: Path,
+    upstream: int,
+    processor: int,
+    *,
+    skip: bool,
+    extra_args: Sequence[str] = (),
+    name: str | None = None,
+) -> Proc:
+    """extproc as `make bench` runs it; `extra_args` adds flags (e.g. body modes)."""
     port = free_port()
     command = [
         str(EXTPROC_BIN),
@@ -128,7 +148,8 @@ def start_extproc(workdir: Path, upstream: int, processor: int, *, skip: bool) -
     ]
     if skip:
         command += ["--request-header-mode", "skip", "--response-header-mode", "skip"]
-    name = "extproc-skip" if skip else "extproc"
+    command += extra_args
+    name = name or ("extproc-skip" if skip else "extproc")
     proc = Proc(name, command, port, workdir / f"{name}.log", _child_env())
     proc.wait_listening()
     return proc

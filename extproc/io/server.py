@@ -28,6 +28,8 @@ from extproc.io.upstream import UpstreamPool
 log = structlog.get_logger("extproc.server")
 
 _SWEEP_INTERVAL = 1.0
+# Out of file descriptors: stop listening this long rather than spin on a readable listener.
+_ACCEPT_BACKOFF = 0.1
 
 
 def bind(address: Address, backlog: int = 1024) -> socket.socket:
@@ -62,6 +64,7 @@ class ProxyServer:
         self._stop = threading.Event()
         self._idle = threading.Condition()
         self._inflight = 0
+        self._accept_paused_until: float | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -111,7 +114,10 @@ class ProxyServer:
     def _loop(self) -> None:
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while not self._stop.is_set():
-            for key, _ in self._selector.select(timeout=_SWEEP_INTERVAL):
+            timeout = _SWEEP_INTERVAL
+            if self._accept_paused_until is not None:
+                timeout = max(0.0, min(timeout, self._accept_paused_until - time.monotonic()))
+            for key, _ in self._selector.select(timeout=timeout):
                 if key.fileobj is self._listener:
                     self._accept()
                 elif key.fileobj is self._wake_r:
@@ -119,6 +125,9 @@ class ProxyServer:
                 else:
                     self._unpark(key.fd)
             now = time.monotonic()
+            if self._accept_paused_until is not None and now >= self._accept_paused_until:
+                self._accept_paused_until = None
+                self._selector.register(self._listener, selectors.EVENT_READ)
             if now >= next_sweep:
                 self._sweep(now)
                 next_sweep = now + _SWEEP_INTERVAL
@@ -152,8 +161,11 @@ class ProxyServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                # EMFILE and friends: keep serving what we have rather than spin.
-                log.warning("accept_failed", error=str(err))
+                # EMFILE and friends: the listener stays readable, so stop watching it for a
+                # moment and keep serving the connections we have.
+                log.warning("accept_failed", error=str(err), retry_in=_ACCEPT_BACKOFF)
+                self._selector.unregister(self._listener)
+                self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
                 return
             sock.setblocking(True)
             down = Downstream.accept(sock, peer, self.config.max_request_head_bytes)

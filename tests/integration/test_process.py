@@ -16,6 +16,7 @@ from typing import IO
 
 import pytest
 
+from extproc.demo.upstream import EchoUpstream
 from tests.support.processor import ScriptedProcessor
 from tests.support.proxy import REPO, request
 from tests.support.rawpeer import ScriptedUpstream
@@ -191,3 +192,73 @@ def test_demo_serves_the_example_processor_and_echo_upstream() -> None:
     assert tagged.status == 200 and tagged.header("x-extproc-demo") == "response-seen"
     assert b'"x-extproc-demo"' in tagged.body  # the upstream saw the request-side tag
     assert blocked.status == 403 and blocked.body == b"blocked by the demo processor\n"
+
+
+def test_out_of_file_descriptors_backs_off_and_recovers(
+    processor: ScriptedProcessor, upstream: EchoUpstream
+) -> None:
+    """With its descriptors used up the proxy pauses accepting instead of spinning."""
+    args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "{}:{}".format(*upstream.address),
+        "--processor",
+        processor.address,
+        "--header-read-timeout",
+        "60s",
+    ]
+    shell = f"ulimit -n 48; exec {BIN} " + " ".join(args)
+    proc = subprocess.Popen(
+        ["sh", "-c", shell], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    lines: list[str] = []
+    ready, exhausted = threading.Event(), threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening" in line:
+                ready.set()
+            if "accept_failed" in line:
+                exhausted.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    held: list[socket.socket] = []
+    try:
+        assert ready.wait(30), "".join(lines)
+        port = int(
+            json.loads(next(x for x in lines if "listening" in x))["address"].rsplit(":", 1)[1]
+        )
+        while not exhausted.is_set() and len(held) < 200:
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            exhausted.wait(0.01)
+        assert exhausted.is_set()
+        # More clients wait in the backlog, so the listener stays readable meanwhile.
+        held += [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(10)]
+        idle = threading.Event()
+        idle.wait(1.0)  # a spinning acceptor would log tens of thousands of lines meanwhile
+        failures = sum("accept_failed" in x for x in lines)
+        for sock in held:
+            sock.close()
+        held.clear()
+        reply = None
+        for _ in range(100):  # the held connections close asynchronously: retry a little
+            try:
+                reply = request(("127.0.0.1", port), "GET", "/")
+                break
+            except OSError:
+                idle.wait(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        proc.terminate()
+        proc.wait(30)
+        reader.join(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert failures < 100
+    assert reply is not None and reply.status == 200
