@@ -117,10 +117,26 @@ class RespondLocally:
 
 
 @dataclass(frozen=True, slots=True)
+class RespondFromProxy:
+    """Answer in the upstream's place, as Envoy's core does (413 for a body over the limit):
+    unlike :class:`RespondLocally`, the reply still goes through the response phase."""
+
+    status: int
+    body: bytes
+    details: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseStream:
     pass
 
 
 Action = (
-    SendToProcessor | ForwardHeaders | ForwardBody | ForwardTrailers | RespondLocally | CloseStream
+    SendToProcessor
+    | ForwardHeaders
+    | ForwardBody
+    | ForwardTrailers
+    | RespondLocally
+    | RespondFromProxy
+    | CloseStream
 )

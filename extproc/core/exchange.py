@@ -45,6 +45,7 @@ from extproc.core.events import (
     HeadersReceived,
     ProcessorClosed,
     ProcessorReplied,
+    RespondFromProxy,
     RespondLocally,
     SendToProcessor,
     TrailersReceived,
@@ -211,7 +212,10 @@ class Exchange:
 
     def _on_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         side.input_done = eos
-        if side.discard or (not data and not eos):
+        if side.discard:
+            # A replaced body: the original's bytes are dropped, its end still ends ours.
+            return self._forward_body(side, b"", True) if eos and not side.output_done else []
+        if not data and not eos:
             return []
         if self.complete or side.passthrough:
             return self._forward_body(side, data, eos)
@@ -239,7 +243,7 @@ class Exchange:
         return self._send_buffered(side, end_of_stream=True)
 
     def _send_buffered(self, side: _Side, end_of_stream: bool) -> list[Action]:
-        side.awaiting = Awaiting.BODY
+        side.awaiting = Awaiting.BODY if side.body_mode == modes.BUFFERED else Awaiting.PARTIAL
         message = codec.http_body(bytes(side.buffer), end_of_stream)
         return [self._send(side, _request(side, "body", message))]
 
@@ -252,17 +256,25 @@ class Exchange:
         return [self._send(side, _request(side, "body", message))]
 
     def _overflow(self, side: _Side) -> list[Action]:
-        """A BUFFERED body over the limit: core proxy behaviour, whatever failure_mode_allow."""
-        if side.direction is Direction.REQUEST:
-            reply = _local(413, b"Payload Too Large", "request_payload_too_large")
-        else:
-            reply = _local(500, b"Internal Server Error", "response_payload_too_large")
-        return self._finish(reply)
+        """A BUFFERED body over the limit: core proxy behaviour, whatever failure_mode_allow.
+
+        Envoy's 413 is its core's local reply, which ext_proc's response phase still sees;
+        its 500 for a response comes after that phase and goes straight to the client.
+        """
+        if side.direction is Direction.RESPONSE:
+            return self._finish(_local(500, b"Internal Server Error", "response_payload_too_large"))
+        side.discard = side.output_done = True
+        side.awaiting = Awaiting.IDLE
+        side.held = None
+        side.buffer.clear()
+        self.outcome.details = "request_payload_too_large"
+        return [RespondFromProxy(413, b"Payload Too Large", "request_payload_too_large")]
 
     def _on_trailers(self, side: _Side, trailers: Headers) -> list[Action]:
         side.input_done = True
         if side.discard:
-            return []
+            # Envoy forwards the original trailers after a replaced body, unmodified.
+            return [] if side.output_done else self._forward_trailers(side, trailers)
         if self.complete:
             return self._forward_trailers(side, trailers)
         side.trailers = trailers
@@ -272,20 +284,24 @@ class Exchange:
             return [self._send(side, _request(side, "trailers", message), timed=False)]
         if side.awaiting is Awaiting.HEADERS:
             return []
-        if side.body_mode == modes.BUFFERED and not side.passthrough:
-            return self._send_buffered(side, end_of_stream=False)
-        if side.body_mode == modes.BUFFERED_PARTIAL and not side.body_done:
+        buffering = side.body_mode in (modes.BUFFERED, modes.BUFFERED_PARTIAL)
+        if buffering and not side.body_done:
             if side.awaiting is Awaiting.PARTIAL:
                 return []
-            return self._flush_partial_for_trailers(side)
+            if not side.buffer:
+                return self._no_body_before_trailers(side)
+            return self._send_buffered(side, end_of_stream=False)
         if side.chunks:
             return []
         return self._trailers_next(side)
 
-    def _flush_partial_for_trailers(self, side: _Side) -> list[Action]:
-        side.awaiting = Awaiting.PARTIAL
-        message = codec.http_body(bytes(side.buffer), False)
-        return [self._send(side, _request(side, "body", message))]
+    def _no_body_before_trailers(self, side: _Side) -> list[Action]:
+        """Only trailers after the head: Envoy sends no body message, just the trailers."""
+        side.body_done = True
+        actions: list[Action] = []
+        if side.held is not None:
+            actions += self._release(side, side.held)
+        return [*actions, *self._trailers_next(side)]
 
     def _trailers_next(self, side: _Side) -> list[Action]:
         """The body is done and answered: send the held trailers, or pass them on."""
@@ -463,11 +479,19 @@ class Exchange:
             return [*self._release(side, headers), *self._close_if_done()]
         headers.remove(b"content-length")
         side.discard = True
-        side.trailers = None
         side.buffer.clear()
-        body = _mutated(common.body_mutation, b"")
         side.strip_length = True
-        return [*self._release(side, headers, body), *self._close_if_done()]
+        body = _mutated(common.body_mutation, b"")
+        actions = self._release_head(side, headers)
+        if not side.input_done:
+            # The original body is read and dropped; its end (or trailers) ends this one.
+            actions.append(ForwardBody(side.direction, body, False))
+        else:
+            actions.append(self._body_action(side, body, side.trailers is None))
+            if side.trailers is not None:
+                trailers, side.trailers = side.trailers, None
+                actions += self._forward_trailers(side, trailers)
+        return [*actions, *self._close_if_done()]
 
     def _buffered_reply(self, side: _Side, common: ep.CommonResponse) -> list[Action]:
         side.awaiting = Awaiting.IDLE

@@ -33,6 +33,7 @@ from extproc.core.events import (
     MessageTimedOut,
     ProcessorClosed,
     ProcessorReplied,
+    RespondFromProxy,
     RespondLocally,
     SendToProcessor,
     TrailersReceived,
@@ -303,6 +304,9 @@ class _RequestRun:
                 self._forward_trailers(action)
             elif isinstance(action, RespondLocally):
                 self.local = action
+            elif isinstance(action, RespondFromProxy):
+                self.proxy_response = _ProxyResponse(action.status, action.body)
+                self.close_after = True  # the rest of the request body is not read
             elif isinstance(action, CloseStream):
                 self._close_stream()
 

@@ -19,12 +19,13 @@ READ_SIZE = 65536
 class Http1Connection:
     """An h11 state machine bound to a blocking socket."""
 
-    __slots__ = ("sock", "h11", "_timeout")
+    __slots__ = ("sock", "h11", "_timeout", "_end")
 
     def __init__(self, sock: socket.socket, role: Any, *, max_head_bytes: int) -> None:
         self.sock = sock
         self.h11 = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self._timeout: float | None = None
+        self._end: Any = None  # an EndOfMessage read behind data, handed out next time
 
     def _set_timeout(self, timeout: float) -> None:
         # Only call into the socket when the value changes: most reads reuse the last one.
@@ -58,22 +59,25 @@ class Http1Connection:
         """The next piece of a message body: all the data one read brought, whether the
         message ended, and its trailers if it ended with some.
 
-        Like Envoy's codec, one socket read is one piece: data h11 already holds is joined,
-        and an end of message right behind the data ends the same piece.
+        Like Envoy's HTTP/1 codec, one socket read is one piece (data h11 already holds is
+        joined), and the end of the message is always a piece of its own, without data.
         """
+        if self._end is not None:
+            event, self._end = self._end, None
+            return b"", not event.headers, [(n, v) for n, v in event.headers] or None
         parts: list[bytes] = []
         event = self.next_event(timeout)
-        while True:
-            if isinstance(event, h11.Data):
-                parts.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                trailers = [(n, v) for n, v in event.headers] or None
-                return _join(parts), trailers is None, trailers
-            else:
-                raise ConnectionResetError(f"peer ended the message early ({event!r})")
+        while isinstance(event, h11.Data):
+            parts.append(event.data)
             event = self.h11.next_event()
-            if event is h11.NEED_DATA:
+        if isinstance(event, h11.EndOfMessage):
+            if parts:
+                self._end = event
                 return _join(parts), False, None
+            return b"", not event.headers, [(n, v) for n, v in event.headers] or None
+        if event is h11.NEED_DATA and parts:
+            return _join(parts), False, None
+        raise ConnectionResetError(f"peer ended the message early ({event!r})")
 
     def buffered_event_ready(self) -> bool:
         """Whether bytes already received hold (part of) another message, e.g. pipelining."""

@@ -189,9 +189,12 @@ class EnvoyProxy:
         hcm: dict[str, Any] | None = None,
         trailers: bool = False,
         buffer_limit_bytes: int | None = None,
+        log_level: str = "warn",
     ) -> None:
-        """``trailers`` and ``buffer_limit_bytes``: see build_bootstrap."""
+        """``trailers`` and ``buffer_limit_bytes``: see build_bootstrap. ``log_level`` is
+        Envoy's --log-level (e.g. "debug" to read what the filter did in envoy.log)."""
         self.workdir = Path(workdir)
+        self.log_level = log_level
         self.concurrency = concurrency
         self.bootstrap = build_bootstrap(
             upstream=upstream,
@@ -225,7 +228,7 @@ class EnvoyProxy:
             "--concurrency",
             str(self.concurrency),
             "--log-level",
-            "warn",
+            self.log_level,
             "--disable-hot-restart",
             "--use-dynamic-base-id",
             "--admin-address-path",

@@ -20,6 +20,7 @@ from extproc.core.events import (
     HeadersReceived,
     ProcessorClosed,
     ProcessorReplied,
+    RespondFromProxy,
     RespondLocally,
     SendToProcessor,
     TrailersReceived,
@@ -144,11 +145,12 @@ def test_buffered_overflow_is_413_on_requests_and_500_on_responses() -> None:
     ex.handle(HeadersReceived(REQ, head(None), False))
     ex.handle(reply(request_headers=ep.HeadersResponse()))
     out = ex.handle(BodyReceived(REQ, b"12345", False))
-    assert isinstance(out[1], RespondLocally)
-    assert (out[1].status, out[1].body, out[1].details) == (
-        413,
-        b"Payload Too Large",
-        "request_payload_too_large",
+    # Envoy's 413 comes from its core: the response phase still sees it.
+    assert out == [RespondFromProxy(413, b"Payload Too Large", "request_payload_too_large")]
+    assert not ex.complete
+    response_head = Headers([(b":status", b"413")])
+    assert request_of(ex.handle(HeadersReceived(RESP, response_head, False))).HasField(
+        "response_headers"
     )
     ex = exchange(response_body_mode=PM.BUFFERED, buffer_limit=4)
     ex.handle(HeadersReceived(REQ, head(None), True))
@@ -273,10 +275,23 @@ def test_continue_and_replace_creates_a_body_and_drops_the_original() -> None:
     common = body_mutation(b"new")
     common.status = ep.CommonResponse.CONTINUE_AND_REPLACE
     out = ex.handle(reply(request_headers=ep.HeadersResponse(response=common)))
-    assert forwarded(out) == [("headers", False, None), ("body", b"new", True)]
+    assert forwarded(out) == [("headers", False, None), ("body", b"new", False)]
     assert ex.wants_input(REQ)  # the original is still read, to be dropped
-    assert ex.handle(BodyReceived(REQ, b"old", True)) == []
+    assert ex.handle(BodyReceived(REQ, b"old", False)) == []
+    # Its end ends the new body; its trailers would be forwarded as they are.
+    assert forwarded(ex.handle(TrailersReceived(REQ, Headers([(b"x-t", b"1")])))) == [
+        ("trailers", [(b"x-t", b"1")])
+    ]
     assert not ex.wants_input(REQ)
+
+
+def test_buffered_trailers_without_body_send_no_body_message() -> None:
+    ex = exchange(request_body_mode=PM.BUFFERED, request_trailer_mode=PM.SEND)
+    ex.handle(HeadersReceived(REQ, head(None), False))
+    ex.handle(reply(request_headers=ep.HeadersResponse()))
+    out = ex.handle(TrailersReceived(REQ, Headers([(b"x-t", b"1")])))
+    assert forwarded(out) == [("headers", False, None)]
+    assert sent(out) == [("request_trailers", None)]
 
 
 def test_fail_open_releases_a_held_buffer_unmodified() -> None:
