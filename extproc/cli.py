@@ -194,6 +194,13 @@ def _proxy_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Append the client address to X-Forwarded-For and set "
             "X-Forwarded-Proto (Envoy's use_remote_address).",
         ),
+        click.option(
+            "--admin",
+            default=None,
+            metavar="[HOST]:PORT",
+            help="Admin listener: /stats and /stats?format=json (Envoy's), /metrics"
+            " (Prometheus), /ready. Off by default; :PORT means all interfaces.",
+        ),
         click.option("--log-format", type=click.Choice(logs.FORMATS), default="json"),
         click.option("--log-level", type=click.Choice(logs.LEVELS), default="info"),
     ]
@@ -238,6 +245,7 @@ def _overrides(kw: dict[str, Any], **targets: Any) -> Overrides:
         response_trailer_mode=modes["response_trailer_mode"],
         request_body_mode=modes["request_body_mode"],
         response_body_mode=modes["response_body_mode"],
+        admin=kw["admin"],
         **targets,
     )
 
@@ -253,7 +261,8 @@ def _serve(config: ProxyConfig, announce: Callable[[tuple[str, int]], None] | No
     try:
         server = ProxyServer(config)
     except OSError as err:
-        _fail(EXIT_STARTUP, f"cannot listen on {config.listen}: {err.strerror}")
+        # The admin listener's address comes as the error's filename (see ProxyServer).
+        _fail(EXIT_STARTUP, f"cannot listen on {err.filename or config.listen}: {err.strerror}")
         return
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

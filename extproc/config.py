@@ -22,14 +22,18 @@ from envoy.config.core.v3 import grpc_service_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from google.protobuf import json_format
 
-from extproc.core.mutations import HeaderLimits
+from extproc.core import attributes
+from extproc.core.mutations import HeaderLimits, name_is_valid
 from extproc.core.settings import DEFAULT_BUFFER_LIMIT, ExchangeSettings
 from extproc.errors import ConfigError
+from extproc.routes import RouteSpec, effective_filter, parse_routes
 
 FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 ExternalProcessor = ext_proc_pb2.ExternalProcessor
 DEFAULT_THREADS = 32
-_FILE_KEYS = frozenset({"listen", "upstream", "processor", "clusters", "ext_proc"})
+_FILE_KEYS = frozenset(
+    {"listen", "upstream", "processor", "clusters", "ext_proc", "routes", "metadata_headers"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,15 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """Requests whose path starts with ``prefix`` run with these settings."""
+
+    prefix: bytes
+    exchange: ExchangeSettings
+    processor: ProcessorSettings
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     listen: Address
     upstream: UpstreamSettings
@@ -83,6 +96,21 @@ class ProxyConfig:
     threads: int = DEFAULT_THREADS
     max_request_head_bytes: int = 60 * 1024
     forwarded_for: bool = True
+    # The admin listener (/stats, /metrics, /ready); None: none.
+    admin: Address | None = None
+    # ExternalProcessor.stat_prefix: the ext_proc stats are http.ingress.ext_proc.<it>.*
+    stat_prefix: str = ""
+    routes: tuple[Route, ...] = ()
+
+    def for_path(self, path: bytes) -> tuple[ExchangeSettings, ProcessorSettings]:
+        """The settings of the first route whose prefix starts ``path``, else the filter's."""
+        for route in self.routes:
+            if path.startswith(route.prefix):
+                return route.exchange, route.processor
+        return self.exchange, self.processor
+
+    def processors(self) -> set[ProcessorSettings]:
+        return {self.processor, *(route.processor for route in self.routes)}
 
 
 def parse_address(value: str, option: str, default_host: str = "0.0.0.0") -> Address:
@@ -114,6 +142,8 @@ class FileConfig:
     listen: str | None = None
     upstream: str | None = None
     processor: str | None = None
+    routes: tuple[RouteSpec, ...] = ()
+    metadata_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def load_file(path: Path) -> FileConfig:
@@ -149,8 +179,18 @@ def parse_file_data(data: dict[str, Any]) -> FileConfig:
         if value is not None and not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {type(value).__name__}")
         strings[key] = value
+    headers = data.get("metadata_headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and name_is_valid(v.lower().encode())
+        for k, v in headers.items()
+    ):
+        raise ConfigError("metadata_headers", "expected a mapping of namespace to header name")
     return FileConfig(
-        filter=parse_filter(data["ext_proc"], "ext_proc"), clusters=clusters, **strings
+        filter=parse_filter(data["ext_proc"], "ext_proc"),
+        clusters=clusters,
+        routes=parse_routes(data["routes"]) if "routes" in data else (),
+        metadata_headers=headers,
+        **strings,
     )
 
 
@@ -204,6 +244,14 @@ _SUPPORTED_FIELDS = frozenset(
         "allow_mode_override",
         "allowed_override_modes",
         "send_body_without_waiting_for_header_response",
+        "stat_prefix",
+        "forward_rules",
+        "max_message_timeout",
+        "request_attributes",
+        "response_attributes",
+        "observability_mode",
+        "deferred_close_timeout",
+        "metadata_options",
     }
 )
 _SUPPORTED_GRPC_FIELDS = frozenset({"envoy_grpc", "google_grpc", "timeout", "initial_metadata"})
@@ -218,6 +266,7 @@ def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
     _check_mode(message.processing_mode, "ext_proc.processing_mode", filter_level=True)
     for i, mode in enumerate(message.allowed_override_modes):
         _check_mode(mode, f"ext_proc.allowed_override_modes[{i}]", filter_level=False)
+    _check_attributes_and_metadata(message)
     if message.HasField("message_timeout"):
         timeout = message.message_timeout.ToTimedelta().total_seconds()
         if not 0 <= timeout <= _MAX_DURATION:
@@ -228,6 +277,29 @@ def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
             raise ConfigError(
                 f"ext_proc.grpc_service.{descriptor.name}", "is not supported by extproc"
             )
+
+
+def _check_attributes_and_metadata(message: ext_proc_pb2.ExternalProcessor) -> None:
+    for field_name in ("request_attributes", "response_attributes"):
+        for i, name in enumerate(getattr(message, field_name)):
+            if name not in attributes.SUPPORTED:
+                raise ConfigError(
+                    f"ext_proc.{field_name}[{i}]",
+                    f"{name!r} is not an attribute extproc provides; it knows "
+                    + ", ".join(sorted(attributes.SUPPORTED)),
+                )
+    options = message.metadata_options
+    for field_name in ("forwarding_namespaces", "receiving_namespaces"):
+        if getattr(options, field_name).typed:
+            raise ConfigError(
+                f"ext_proc.metadata_options.{field_name}.typed",
+                "extproc keeps untyped (Struct) dynamic metadata only",
+            )
+    if options.HasField("cluster_metadata_forwarding_namespaces"):
+        raise ConfigError(
+            "ext_proc.metadata_options.cluster_metadata_forwarding_namespaces",
+            "extproc has no clusters with metadata",
+        )
 
 
 def _check_mode(mode: Any, where: str, filter_level: bool) -> None:
@@ -345,6 +417,7 @@ class Overrides:
     response_body_mode: str | None = None
     request_trailer_mode: str | None = None
     response_trailer_mode: str | None = None
+    admin: str | None = None
 
 
 def apply_overrides(
@@ -390,11 +463,32 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
         raise ConfigError("--upstream", "is required (or upstream: in the config file)")
     upstream_address = parse_address(upstream, "--upstream", default_host="127.0.0.1")
     clusters = {**file.clusters, **flags.clusters}
-    processor = _processor_settings(
-        message.grpc_service, clusters, flags.processor or file.processor
-    )
+    processor_flag = flags.processor or file.processor
+    processor = _processor_settings(message.grpc_service, clusters, processor_flag)
     head_bytes = flags.max_request_headers_kb * 1024
     limits = HeaderLimits(max_count=flags.max_request_headers_count, max_bytes=head_bytes)
+    metadata_headers = tuple((ns, h.lower().encode()) for ns, h in file.metadata_headers.items())
+
+    def exchange_settings(filter_message: ext_proc_pb2.ExternalProcessor) -> ExchangeSettings:
+        return ExchangeSettings.from_proto(
+            filter_message,
+            limits=limits,
+            honor_append_action=flags.honor_append_action,
+            buffer_limit=flags.buffer_limit_bytes,
+            metadata_headers=metadata_headers,
+        )
+
+    routes = []
+    for i, spec in enumerate(file.routes):
+        route_filter = effective_filter(message, spec, f"routes[{i}]")
+        check_supported(route_filter)
+        routes.append(
+            Route(
+                spec.prefix.encode(),
+                exchange_settings(route_filter),
+                _processor_settings(route_filter.grpc_service, clusters, processor_flag),
+            )
+        )
     return ProxyConfig(
         listen=parse_address(listen, "--listen"),
         upstream=UpstreamSettings(
@@ -403,14 +497,12 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
             connect_timeout=flags.upstream_connect_timeout,
         ),
         processor=processor,
-        exchange=ExchangeSettings.from_proto(
-            message,
-            limits=limits,
-            honor_append_action=flags.honor_append_action,
-            buffer_limit=flags.buffer_limit_bytes,
-        ),
+        exchange=exchange_settings(message),
         timeouts=flags.timeouts,
         threads=flags.threads or DEFAULT_THREADS,
         max_request_head_bytes=head_bytes,
         forwarded_for=flags.forwarded_for,
+        admin=parse_address(flags.admin, "--admin") if flags.admin is not None else None,
+        stat_prefix=message.stat_prefix,
+        routes=tuple(routes),
     )

@@ -127,6 +127,14 @@ class RespondFromProxy:
 
 
 @dataclass(frozen=True, slots=True)
+class RestartTimer:
+    """The processor's override_message_timeout: the outstanding message is now due in
+    ``timeout`` seconds from now."""
+
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class CloseStream:
     pass
 
@@ -138,5 +146,6 @@ Action = (
     | ForwardTrailers
     | RespondLocally
     | RespondFromProxy
+    | RestartTimer
     | CloseStream
 )

@@ -27,12 +27,16 @@ Rules this module keeps:
 from __future__ import annotations
 
 import enum
+import json
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import json_format, struct_pb2
 
-from extproc.core import codec, modes
+from extproc.core import attributes, codec, modes
 from extproc.core.events import (
     Action,
     BodyReceived,
@@ -47,12 +51,13 @@ from extproc.core.events import (
     ProcessorReplied,
     RespondFromProxy,
     RespondLocally,
+    RestartTimer,
     SendToProcessor,
     TrailersReceived,
 )
 from extproc.core.mutations import apply_header_mutation
 from extproc.core.settings import ExchangeSettings
-from extproc.models import Headers
+from extproc.models import Header, Headers
 
 CONTINUE_AND_REPLACE = ep.CommonResponse.CONTINUE_AND_REPLACE
 ERR_LENGTH_MISMATCH = "mismatch_between_content_length_and_the_length_of_the_mutated_body"
@@ -89,6 +94,8 @@ class _Side:
     trailers: Headers | None = None  # arrived, not yet sent or forwarded
     body_done: bool = False  # the processed part is answered; the rest passes through
     had_trailers: bool = False
+    attributes_sent: bool = False
+    first_headers: Headers | None = None  # as received, for attributes
     discard: bool = False  # CONTINUE_AND_REPLACE replaced the body: drop the original
     duplex_data_sent: bool = False
 
@@ -111,16 +118,26 @@ class Outcome:
     server_closed: bool = False
     stream_error: int | None = None
     details: str = ""
+    override_timeout_received: int = 0
+    override_timeout_ignored: int = 0
 
 
 class Exchange:
     """The ext_proc state of one HTTP request/response exchange."""
 
-    def __init__(self, settings: ExchangeSettings) -> None:
+    def __init__(
+        self, settings: ExchangeSettings, connection: attributes.Connection | None = None
+    ) -> None:
         self.settings = settings
+        self.connection = connection or attributes.Connection()
+        self.observing = settings.observability_mode
+        # Dynamic metadata the processor returned, by namespace (receiving_namespaces only).
+        self.dynamic_metadata: dict[str, struct_pb2.Struct] = {}
         self.mode = settings.processing_mode
         self.complete = False
         self.stream_open = False
+        self._timer_running = False
+        self._timer_overridden = False
         self.outcome = Outcome()
         mode = self.mode
         self._sides = {
@@ -142,9 +159,15 @@ class Exchange:
         )
 
     @property
+    def timer_running(self) -> bool:
+        """Whether a sent message's reply is due within message_timeout (Envoy stops the
+        timer on every reply it processes and starts it on every timed send)."""
+        return self._timer_running and not self.complete
+
+    @property
     def streams_replies(self) -> bool:
         """Whether replies may arrive while input is still being read (STREAMED, duplex)."""
-        return any(
+        return self.observing or any(
             s.body_mode in modes.STREAMING_MODES and not s.input_done for s in self._sides.values()
         )
 
@@ -153,6 +176,8 @@ class Exchange:
         side = self._sides[direction]
         if side.input_done:
             return False
+        if self.observing:
+            return side.released
         if self.complete or side.discard or side.passthrough:
             return side.released or side.discard
         if side.awaiting is Awaiting.HEADERS:
@@ -201,14 +226,30 @@ class Exchange:
             if not self.complete and side.strip_length:
                 headers.remove(b"content-length")
             return [*self._release(side, headers), *self._close_if_done()]
-        side.awaiting = Awaiting.HEADERS
-        side.held = headers
-        message = codec.http_headers(headers, eos)
+        side.first_headers = headers.copy()
+        message = codec.http_headers(self._visible(headers), eos)
         actions: list[Action] = [self._send(side, _request(side, "headers", message))]
         if side.strip_length:
             # Removed after the message was built: the processor still sees the original.
             headers.remove(b"content-length")
+        if self.observing:
+            return [*actions, *self._release(side, headers)]
+        side.awaiting = Awaiting.HEADERS
+        side.held = headers
         return actions
+
+    def _observe_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
+        """Observability mode: only STREAMED bodies are sent, and nothing waits (§9.5)."""
+        actions: list[Action] = []
+        if side.body_mode == modes.STREAMED and not self.complete:
+            message = codec.http_body(data, eos)
+            actions.append(self._send(side, _request(side, "body", message), timed=False))
+        return [*actions, *self._forward_body(side, data, eos)]
+
+    def _visible(self, headers: Headers) -> Iterable[Header]:
+        """What forward_rules let the processor see of a header map."""
+        rules = self.settings.forward_rules
+        return headers if rules is None else rules.filter(headers)
 
     def _on_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         side.input_done = eos
@@ -217,6 +258,8 @@ class Exchange:
             return self._forward_body(side, b"", True) if eos and not side.output_done else []
         if not data and not eos:
             return []
+        if self.observing:
+            return self._observe_body(side, data, eos)
         if self.complete or side.passthrough:
             return self._forward_body(side, data, eos)
         mode = side.body_mode
@@ -277,10 +320,16 @@ class Exchange:
             return [] if side.output_done else self._forward_trailers(side, trailers)
         if self.complete:
             return self._forward_trailers(side, trailers)
+        if self.observing:
+            actions: list[Action] = []
+            if side.trailer_mode == modes.SEND:
+                message = codec.http_trailers(self._visible(trailers))
+                actions.append(self._send(side, _request(side, "trailers", message), timed=False))
+            return [*actions, *self._forward_trailers(side, trailers)]
         side.trailers = trailers
         side.had_trailers = True
         if side.body_mode == modes.FULL_DUPLEX_STREAMED:
-            message = codec.http_trailers(trailers)
+            message = codec.http_trailers(self._visible(trailers))
             return [self._send(side, _request(side, "trailers", message), timed=False)]
         if side.awaiting is Awaiting.HEADERS:
             return []
@@ -310,15 +359,23 @@ class Exchange:
             return []
         if side.trailer_mode == modes.SEND and not self.complete:
             side.awaiting = Awaiting.TRAILERS
-            return [self._send(side, _request(side, "trailers", codec.http_trailers(trailers)))]
+            return [
+                self._send(
+                    side, _request(side, "trailers", codec.http_trailers(self._visible(trailers)))
+                )
+            ]
         side.trailers = None
         return [*self._forward_trailers(side, trailers), *self._close_if_done()]
 
     def _send(
         self, side: _Side, request: ep.ProcessingRequest, timed: bool = True
     ) -> SendToProcessor:
-        request.metadata_context.SetInParent()
-        if not self.stream_open:
+        self._attach_context(side, request)
+        if self.observing:
+            request.observability_mode = True
+            self.stream_open = True
+            timed = False
+        elif not self.stream_open:
             self.stream_open = True
             config = request.protocol_config
             config.request_body_mode = self._sides[Direction.REQUEST].body_mode
@@ -327,7 +384,48 @@ class Exchange:
                 self.settings.send_body_without_waiting_for_header_response
             )
         self.outcome.messages_sent += 1
+        if timed:
+            self._timer_running, self._timer_overridden = True, False
         return SendToProcessor(request, timed)
+
+    def _attach_context(self, side: _Side, request: ep.ProcessingRequest) -> None:
+        """metadata_context on every message; attributes on a direction's first one."""
+        context = request.metadata_context
+        context.SetInParent()
+        for namespace in self.settings.forwarding_namespaces:
+            if namespace in self.dynamic_metadata:
+                context.filter_metadata[namespace].CopyFrom(self.dynamic_metadata[namespace])
+        names = (
+            self.settings.request_attributes
+            if side.direction is Direction.REQUEST
+            else self.settings.response_attributes
+        )
+        if names and not side.attributes_sent:
+            side.attributes_sent = True
+            request_head = self._sides[Direction.REQUEST].first_headers or Headers()
+            response_head = self._sides[Direction.RESPONSE].first_headers
+            values = attributes.evaluate(names, request_head, response_head, self.connection)
+            request.attributes[attributes.ATTRIBUTES_KEY].CopyFrom(values)
+
+    def _receive_metadata(self, response: ep.ProcessingResponse) -> None:
+        """Merge returned dynamic metadata, one level deep, for the listed namespaces."""
+        for namespace, value in response.dynamic_metadata.fields.items():
+            if namespace not in self.settings.receiving_namespaces:
+                continue
+            target = self.dynamic_metadata.setdefault(namespace, struct_pb2.Struct())
+            if value.HasField("struct_value"):
+                for key, item in value.struct_value.fields.items():
+                    target.fields[key].CopyFrom(item)
+
+    def metadata_json(self, namespace: str) -> str | None:
+        """A namespace as Envoy's %DYNAMIC_METADATA(ns)% prints it: compact, sorted JSON."""
+        struct = self.dynamic_metadata.get(namespace)
+        if struct is None:
+            return None
+        data = json_format.MessageToDict(struct)
+        return json.dumps(
+            _whole_numbers(data), separators=(",", ":"), sort_keys=True, ensure_ascii=False
+        )
 
     # Output -------------------------------------------------------------------------------
 
@@ -375,13 +473,15 @@ class Exchange:
     # Replies ------------------------------------------------------------------------------
 
     def _on_reply(self, response: ep.ProcessingResponse) -> list[Action]:
-        if self.complete:
+        if self.complete or self.observing:
             return []
         if response.HasField("override_message_timeout"):
-            # max_message_timeout is 0, so every override is out of range and ignored; the
-            # processor still owes the real reply.
-            return []
+            # The message is about the timer only; the processor still owes the real reply.
+            return self._override_timeout(response.override_message_timeout.ToTimedelta())
         kind = response.WhichOneof("response")
+        if kind is not None:
+            # Applied before the reply is validated, as Envoy does (spec §6.7).
+            self._receive_metadata(response)
         if kind == "immediate_response" and not self.settings.disable_immediate_response:
             self.outcome.messages_received += 1
             return self._immediate(response.immediate_response)
@@ -391,6 +491,7 @@ class Exchange:
             side = self._sides[direction]
             if self._expects(side, phase, response):
                 self.outcome.messages_received += 1
+                self._timer_running = False
                 if phase == "headers" and response.HasField("mode_override"):
                     self._override_mode(response.mode_override)
                 return self._dispatch(side, phase, response)
@@ -583,6 +684,21 @@ class Exchange:
             actions += self._release_head(side, side.held)
         return [*actions, *self._forward_trailers(side, trailers), *self._close_if_done()]
 
+    def _override_timeout(self, value: Any) -> list[Action]:
+        """Envoy accepts one override per outstanding message, within 1 ms and
+        max_message_timeout, while that message's timer runs (spec §6.9)."""
+        seconds = value.total_seconds()
+        if (
+            self._timer_running
+            and not self._timer_overridden
+            and 0.001 <= seconds <= self.settings.max_message_timeout
+        ):
+            self._timer_overridden = True
+            self.outcome.override_timeout_received += 1
+            return [RestartTimer(seconds)]
+        self.outcome.override_timeout_ignored += 1
+        return []
+
     def _override_mode(self, override: ep.ProcessingMode) -> None:
         settings = self.settings
         if (
@@ -699,8 +815,12 @@ class Exchange:
         return actions
 
     def _close_if_done(self) -> list[Action]:
-        """Close the stream as soon as no message can follow (Envoy's close optimisation)."""
-        if self.complete or not self.stream_open or self._more_to_send():
+        """Close the stream as soon as no message can follow (Envoy's close optimisation).
+
+        Not in observability mode, where the stream outlives the exchange
+        (deferred_close_timeout) so queued messages still get through.
+        """
+        if self.complete or not self.stream_open or self.observing or self._more_to_send():
             return []
         self.complete = True
         return [CloseStream()]
@@ -714,6 +834,17 @@ class Exchange:
         if not response.started:
             return self.mode.response_header_mode != modes.SKIP or _sends_after_headers(response)
         return not response.output_done and _sends_after_headers(response)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """JSON numbers as Envoy prints them: 1, not 1.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 def _duplex_pending(side: _Side) -> bool:

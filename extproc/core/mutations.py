@@ -151,17 +151,46 @@ def apply_header_mutation(
     ``drop_content_length`` silently skips content-length sets in modes that strip it.
     """
     result = MutationResult()
+    _apply(
+        headers,
+        mutation,
+        rules,
+        limits,
+        result,
+        replacing,
+        drop_content_length,
+        honor_append_action,
+    )
+    if result.error in _COUNTED_ERRORS:
+        # Envoy counts these in rejected_header_mutations too, not only rule refusals.
+        result.rejected += 1
+    return result
+
+
+_COUNTED_ERRORS = frozenset({ERR_COUNT, ERR_REMOVE_INVALID, ERR_SET_INVALID, ERR_RESULT_LIMIT})
+
+
+def _apply(
+    headers: Headers,
+    mutation: ep.HeaderMutation,
+    rules: MutationRules,
+    limits: HeaderLimits,
+    result: MutationResult,
+    replacing: bool,
+    drop_content_length: bool,
+    honor_append_action: bool,
+) -> None:
     if max(len(mutation.remove_headers), len(mutation.set_headers)) > limits.max_count:
         result.error = ERR_COUNT
-        return result
+        return
     for raw_name in mutation.remove_headers:
         name = raw_name.encode("latin-1", "replace").lower()
         if not name_is_valid(name):
             result.error = ERR_REMOVE_INVALID
-            return result
+            return
         if not _permit(rules, Op.REMOVE, name, b"", result, ERR_REMOVE_FAILED):
             if result.error:
-                return result
+                return
             continue
         headers.remove(name)
     for option in mutation.set_headers:
@@ -169,10 +198,9 @@ def apply_header_mutation(
             headers, option, rules, result, replacing, drop_content_length, honor_append_action
         )
         if result.error:
-            return result
+            return
     if len(headers) > limits.max_count or headers.byte_size() > limits.max_bytes:
         result.error = ERR_RESULT_LIMIT
-    return result
 
 
 def _permit(

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 
+from extproc.core.matchers import ForwardRules
 from extproc.core.mutations import HeaderLimits, MutationRules
 
 DEFAULT_MESSAGE_TIMEOUT = 0.2
 # Envoy's per_connection_buffer_limit_bytes default: the most a mode may buffer.
 DEFAULT_BUFFER_LIMIT = 1024 * 1024
+DEFAULT_DEFERRED_CLOSE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,16 @@ class ExchangeSettings:
     allow_mode_override: bool = False
     allowed_override_modes: tuple[ProcessingMode, ...] = ()
     send_body_without_waiting_for_header_response: bool = False
+    forward_rules: ForwardRules | None = None
+    max_message_timeout: float = 0.0
+    request_attributes: tuple[str, ...] = ()
+    response_attributes: tuple[str, ...] = ()
+    observability_mode: bool = False
+    deferred_close_timeout: float = DEFAULT_DEFERRED_CLOSE
+    receiving_namespaces: frozenset[str] = frozenset()
+    forwarding_namespaces: tuple[str, ...] = ()
+    # extproc only: dynamic metadata namespaces handed upstream as JSON request headers
+    metadata_headers: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
     def from_proto(
@@ -43,11 +55,17 @@ class ExchangeSettings:
         limits: HeaderLimits | None = None,
         honor_append_action: bool = False,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        metadata_headers: tuple[tuple[str, bytes], ...] = (),
     ) -> ExchangeSettings:
         timeout = DEFAULT_MESSAGE_TIMEOUT
         if message.HasField("message_timeout"):
             timeout = message.message_timeout.ToTimedelta().total_seconds()
         status = message.status_on_error.code if message.HasField("status_on_error") else 500
+        max_timeout = message.max_message_timeout.ToTimedelta().total_seconds()
+        deferred = DEFAULT_DEFERRED_CLOSE
+        if message.HasField("deferred_close_timeout"):
+            deferred = message.deferred_close_timeout.ToTimedelta().total_seconds()
+        metadata = message.metadata_options
         return cls(
             processing_mode=message.processing_mode,
             failure_mode_allow=message.failure_mode_allow,
@@ -63,5 +81,18 @@ class ExchangeSettings:
             allowed_override_modes=tuple(message.allowed_override_modes),
             send_body_without_waiting_for_header_response=(
                 message.send_body_without_waiting_for_header_response
+            ),
+            max_message_timeout=max_timeout,
+            request_attributes=tuple(message.request_attributes),
+            response_attributes=tuple(message.response_attributes),
+            observability_mode=message.observability_mode,
+            deferred_close_timeout=deferred,
+            receiving_namespaces=frozenset(metadata.receiving_namespaces.untyped),
+            forwarding_namespaces=tuple(metadata.forwarding_namespaces.untyped),
+            metadata_headers=metadata_headers,
+            forward_rules=(
+                ForwardRules.from_proto(message.forward_rules, "ext_proc.forward_rules")
+                if message.HasField("forward_rules")
+                else None
             ),
         )

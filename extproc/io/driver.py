@@ -8,18 +8,21 @@ while the exchange wants it, otherwise wait for the processor. Every wait has a 
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import h11
 import structlog
+from google.protobuf import json_format
 
-from extproc.config import ProxyConfig
-from extproc.core import wire
+from extproc.config import ProcessorSettings, ProxyConfig
+from extproc.core import attributes, wire
 from extproc.core.events import (
     Action,
     BodyReceived,
@@ -35,6 +38,7 @@ from extproc.core.events import (
     ProcessorReplied,
     RespondFromProxy,
     RespondLocally,
+    RestartTimer,
     SendToProcessor,
     TrailersReceived,
 )
@@ -43,6 +47,7 @@ from extproc.errors import ProcessorStreamError, ProcessorTimeout, UpstreamConne
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient, ProcessorStream
 from extproc.io.upstream import UpstreamPool
+from extproc.metrics import ExchangeFacts, Stats, record_exchange
 from extproc.models import Headers
 
 access_log = structlog.get_logger("extproc.access")
@@ -63,23 +68,46 @@ class Downstream:
     """One client connection, kept between requests (and while parked for keep-alive)."""
 
     conn: Http1Connection
-    peer_ip: str
+    peer: tuple[str, int]
+    local: tuple[str, int]
+    id: int
     requests: int = 0
+
+    @property
+    def peer_ip(self) -> str:
+        return self.peer[0]
 
     @classmethod
     def accept(cls, sock: socket.socket, peer: Any, max_head_bytes: int) -> Downstream:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Http1Connection(sock, h11.SERVER, max_head_bytes=max_head_bytes)
-        return cls(conn, str(peer[0]) if isinstance(peer, tuple) else "")
+        local = sock.getsockname()
+        return cls(conn, _host_port(peer), _host_port(local), next(_connection_ids))
+
+
+_connection_ids = itertools.count(1)
+
+
+def _host_port(address: Any) -> tuple[str, int]:
+    if isinstance(address, tuple):
+        return str(address[0]), int(address[1])
+    return "", 0
 
 
 class ConnectionHandler:
     """Shared by all workers of one proxy: the config, the upstream pool, the processor."""
 
-    def __init__(self, config: ProxyConfig, pool: UpstreamPool, processor: ProcessorClient):
+    def __init__(
+        self,
+        config: ProxyConfig,
+        pool: UpstreamPool,
+        processors: Mapping[ProcessorSettings, ProcessorClient],
+        stats: Stats | None = None,
+    ):
         self.config = config
+        self.stats = stats if stats is not None else Stats(config.stat_prefix)
         self.pool = pool
-        self.processor = processor
+        self.processors = processors
         self.draining = threading.Event()
         self.ingress = wire.IngressOptions(
             forwarded_for=config.forwarded_for,
@@ -107,10 +135,12 @@ class ConnectionHandler:
             event = down.conn.next_event(self.config.timeouts.request_headers, deadline)
         except h11.RemoteProtocolError as err:
             _raw_error(down.conn, err.error_status_hint, str(err))
+            self.stats.record_response(err.error_status_hint)
             return False
         except TimeoutError:
             if down.conn.h11.their_state is h11.IDLE and down.conn.h11.trailing_data[0]:
                 _raw_error(down.conn, 408, "request header timeout")
+                self.stats.record_response(408)
             return False
         except OSError:
             return False
@@ -177,7 +207,19 @@ class _RequestRun:
         self.timeouts = handler.config.timeouts
         self.down = down
         self.request = request
-        self.exchange = Exchange(handler.config.exchange)
+        upstream = handler.config.upstream
+        settings, processor = handler.config.for_path(request.target)
+        self.processor = handler.processors[processor]
+        self.exchange = Exchange(
+            settings,
+            attributes.Connection(
+                source=down.peer,
+                destination=down.local,
+                upstream=(upstream.host, upstream.port),
+                connection_id=down.id,
+                start=datetime.datetime.now(datetime.UTC),
+            ),
+        )
         self.stream: ProcessorStream | None = None
         self.deadline: float | None = None  # when the oldest unanswered message times out
         self.local: RespondLocally | None = None
@@ -283,9 +325,9 @@ class _RequestRun:
         except ProcessorStreamError as err:
             reply = ProcessorClosed(err.code, err.details)
         self.stats.processor += time.monotonic() - started
-        if isinstance(reply, ProcessorReplied):
-            self.deadline = None  # Envoy stops the timer on every reply it processes
         self._feed(reply)
+        if not self.exchange.timer_running:
+            self.deadline = None
 
     def _feed(self, event: Event) -> None:
         self._execute(self.exchange.handle(event))
@@ -304,6 +346,8 @@ class _RequestRun:
                 self._forward_trailers(action)
             elif isinstance(action, RespondLocally):
                 self.local = action
+            elif isinstance(action, RestartTimer):
+                self.deadline = time.monotonic() + action.timeout
             elif isinstance(action, RespondFromProxy):
                 self.proxy_response = _ProxyResponse(action.status, action.body)
                 self.close_after = True  # the rest of the request body is not read
@@ -312,10 +356,10 @@ class _RequestRun:
 
     def _send(self, action: SendToProcessor) -> None:
         if self.stream is None:
-            self.stream = self.h.processor.open_stream()
+            self.stream = self.processor.open_stream()
         self.stream.send(action.request)
         if action.timed:
-            self.deadline = time.monotonic() + self.h.config.exchange.message_timeout
+            self.deadline = time.monotonic() + self.exchange.settings.message_timeout
 
     def _close_stream(self) -> None:
         self.deadline = None
@@ -329,6 +373,11 @@ class _RequestRun:
         if action.direction is Direction.RESPONSE:
             self._send_head(action.headers, action.body_length, action.end_of_stream)
             return
+        for namespace, header in self.exchange.settings.metadata_headers:
+            # What Envoy users do with request_headers_to_add: "%DYNAMIC_METADATA(ns)%".
+            value = self.exchange.metadata_json(namespace)
+            if value is not None:
+                action.headers.set(header, value.encode())
         method, target, wire_headers = wire.request_to_wire(
             action.headers, action.body_length, not action.end_of_stream
         )
@@ -492,8 +541,23 @@ class _RequestRun:
         if end_of_stream:
             self.down.conn.send(h11.EndOfMessage(), self.timeouts.client)
 
+    def _metadata_fields(self) -> dict[str, Any]:
+        """The request's dynamic metadata for the access log, when a processor set some."""
+        metadata = self.exchange.dynamic_metadata
+        if not metadata:
+            return {}
+        return {
+            "dynamic_metadata": {ns: json_format.MessageToDict(v) for ns, v in metadata.items()}
+        }
+
     def finish(self) -> None:
         """Release everything the request held and write its access-log entry."""
+        stream = self.stream
+        if stream is not None and self.exchange.observing:
+            # Observability mode: the stream outlives the exchange, so messages still queued
+            # reach the processor (deferred_close_timeout).
+            self.stream = None
+            self.processor.watchdog.arm(self.exchange.settings.deferred_close_timeout, stream.close)
         self._close_stream()
         if self.upstream is not None:
             self.h.pool.release(self.upstream)
@@ -512,4 +576,20 @@ class _RequestRun:
             processor_ms=round(self.stats.processor * 1000, 3),
             details=outcome.details,
             failed_open=outcome.failed_open,
+            **self._metadata_fields(),
+        )
+        upstream_answered = self.upstream_request is not None and self.proxy_response is None
+        record_exchange(
+            self.h.stats,
+            ExchangeFacts.from_outcome(
+                outcome,
+                local_reply=self.local is not None,
+                request_too_large=(
+                    self.proxy_response is not None and self.proxy_response.status == 413
+                ),
+                status=self.stats.status,
+                duration=time.monotonic() - self.stats.start,
+                upstream_time=self.stats.upstream if upstream_answered else None,
+                processor_time=self.stats.processor,
+            ),
         )

@@ -5,7 +5,8 @@ connection between requests, is parked in the acceptor's selector (gunicorn's gt
 so idle clients do not pin worker threads; it goes to a worker when readable and is closed once
 idle too long.
 Stopping closes the listener and the parked connections, then lets in-flight requests finish
-within the drain timeout.
+within the drain timeout. The admin listener, if any, serves from the start of serving to the
+end of the drain, so /ready says DRAINING while requests finish.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from extproc.config import Address, ProxyConfig
+from extproc.io.admin import AdminServer
 from extproc.io.driver import ConnectionHandler, Downstream
 from extproc.io.processor import ProcessorClient
 from extproc.io.upstream import UpstreamPool
+from extproc.metrics import Stats
 
 log = structlog.get_logger("extproc.server")
 
@@ -50,10 +53,24 @@ class ProxyServer:
 
     def __init__(self, config: ProxyConfig, listener: socket.socket | None = None) -> None:
         self.config = config
-        self.pool = UpstreamPool(config.upstream)
-        self.processor = ProcessorClient(config.processor)
-        self.handler = ConnectionHandler(config, self.pool, self.processor)
+        self.stats = Stats(config.stat_prefix)
+        # Both sockets first: a taken address then fails before anything else is started.
         self._listener = listener if listener is not None else bind(config.listen)
+        self.admin: AdminServer | None = None
+        if config.admin is not None:
+            try:
+                self.admin = AdminServer(config.admin, self.stats, lambda: self.state)
+            except OSError as err:
+                self._listener.close()
+                # The address as the filename: the CLI names the listener that failed.
+                raise OSError(err.errno, err.strerror, str(config.admin)) from err
+        self.pool = UpstreamPool(config.upstream)
+        # One channel per processor target: the filter's, and any a route overrides it with.
+        self.processors = {
+            settings: ProcessorClient(settings, max_streams=config.threads)
+            for settings in config.processors()
+        }
+        self.handler = ConnectionHandler(config, self.pool, self.processors, self.stats)
         self._listener.setblocking(False)
         self._executor = ThreadPoolExecutor(config.threads, thread_name_prefix="extproc-worker")
         self._selector = selectors.DefaultSelector()
@@ -62,6 +79,7 @@ class ProxyServer:
         self._returned: queue.SimpleQueue[Downstream] = queue.SimpleQueue()
         self._parked: dict[int, tuple[Downstream, float]] = {}
         self._stop = threading.Event()
+        self._serving = threading.Event()
         self._idle = threading.Condition()
         self._inflight = 0
         self._accept_paused_until: float | None = None
@@ -71,6 +89,13 @@ class ProxyServer:
     def address(self) -> tuple[str, int]:
         host, port = self._listener.getsockname()[:2]
         return str(host), int(port)
+
+    @property
+    def state(self) -> str:
+        """The server state as Envoy names it (its /ready answers 200 only when LIVE)."""
+        if self._stop.is_set():
+            return "DRAINING"
+        return "LIVE" if self._serving.is_set() else "INITIALIZING"
 
     # Lifecycle --------------------------------------------------------------------------
 
@@ -106,6 +131,10 @@ class ProxyServer:
         )
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
+        # LIVE first: the admin listener never answers /ready with a state already past.
+        self._serving.set()
+        if self.admin is not None:
+            self.admin.start()
         try:
             self._loop()
         finally:
@@ -137,6 +166,7 @@ class ProxyServer:
         self._listener.close()
         for down, _ in self._parked.values():
             down.conn.close()
+            self.stats.connection_closed()
         self._parked.clear()
         deadline = time.monotonic() + self.config.timeouts.drain
         with self._idle:
@@ -146,10 +176,14 @@ class ProxyServer:
         self._executor.shutdown(wait=unfinished == 0, cancel_futures=True)
         while not self._returned.empty():
             self._returned.get().conn.close()
+            self.stats.connection_closed()
         self._wake_r.close()
         self._wake_w.close()
         self.pool.close()
-        self.processor.close()
+        for client in self.processors.values():
+            client.close()
+        if self.admin is not None:
+            self.admin.stop()
         log.info("stopped", unfinished_requests=unfinished)
 
     # Connections ------------------------------------------------------------------------
@@ -169,6 +203,7 @@ class ProxyServer:
                 return
             sock.setblocking(True)
             down = Downstream.accept(sock, peer, self.config.max_request_head_bytes)
+            self.stats.connection_opened()
             # A new connection waits in the selector too, so a client that connects and sends
             # nothing costs no worker thread; it is dropped after the header read timeout.
             self._park(down, time.monotonic() + self.config.timeouts.request_headers)
@@ -193,6 +228,8 @@ class ProxyServer:
             self._returned.put(down)
             with contextlib.suppress(OSError):
                 self._wake_w.send(b"\0")
+        else:
+            self.stats.connection_closed()  # serve() or the except above closed it
 
     def _take_returned(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -217,3 +254,4 @@ class ProxyServer:
             down, _ = self._parked.pop(fd)
             self._selector.unregister(down.conn.sock)
             down.conn.close()
+            self.stats.connection_closed()

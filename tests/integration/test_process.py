@@ -12,12 +12,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 import pytest
 
 from extproc.demo.upstream import EchoUpstream
-from tests.support.processor import ScriptedProcessor
+from tests.support.processor import ProcessorStream, ScriptedProcessor, matching_reply
 from tests.support.proxy import REPO, request
 from tests.support.rawpeer import ScriptedUpstream
 
@@ -262,3 +263,41 @@ def test_out_of_file_descriptors_backs_off_and_recovers(
                 pipe.close()
     assert failures < 100
     assert reply is not None and reply.status == 200
+
+
+def test_access_log_has_one_json_event_per_request_with_dynamic_metadata(
+    upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    def handler(stream: ProcessorStream) -> None:
+        while (message := stream.recv()) is not None:
+            response = matching_reply(message)
+            if message.WhichOneof("request") == "request_headers":
+                response.dynamic_metadata.update({"ns": {"user": "alice"}})
+            stream.send(response)
+
+    config = tmp_path / "extproc.yaml"
+    config.write_text("ext_proc:\n  metadata_options: {receiving_namespaces: {untyped: [ns]}}\n")
+    with (
+        ScriptedProcessor(handler) as proc,
+        process(
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "{}:{}".format(*upstream.address),
+            "--processor",
+            proc.address,
+            "--config",
+            str(config),
+            ready='"listening"',
+        ) as (running, lines),
+    ):
+        address = ("127.0.0.1", listening_port(lines))
+        assert request(address, "GET", "/who?x=1").status == 200
+        running.send_signal(signal.SIGTERM)
+        assert running.wait(30) == 0
+    entries = [json.loads(x) for x in lines if '"event": "request"' in x]
+    assert len(entries) == 1
+    entry = entries[0]
+    assert (entry["method"], entry["path"], entry["status"]) == ("GET", "/who?x=1", 200)
+    assert entry["dynamic_metadata"] == {"ns": {"user": "alice"}}
+    assert entry["request_id"] and entry["upstream_ms"] >= 0 and entry["processor_ms"] >= 0

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from extproc import cli, logs
-from extproc.config import ProxyConfig
+from extproc.config import Address, ProxyConfig
 
 Served = list[ProxyConfig]
 
@@ -104,3 +104,19 @@ def test_bad_duration_is_a_usage_error(served: Served) -> None:
 def test_version() -> None:
     result = invoke("--version")
     assert result.exit_code == 0 and "extproc-proxy" in result.output
+
+
+def test_admin_flag_and_stat_prefix(served: Served, tmp_path: Path) -> None:
+    path = tmp_path / "filter.yaml"
+    path.write_text("grpc_service: {google_grpc: {target_uri: 'h:1'}}\nstat_prefix: edge\n")
+    base = ("--listen", ":1", "--upstream", "127.0.0.1:2", "--config", str(path))
+    assert invoke(*base).exit_code == 0
+    assert invoke(*base, "--admin", "127.0.0.1:9901").exit_code == 0
+    without, with_admin = served
+    assert without.admin is None and without.stat_prefix == "edge"
+    assert with_admin.admin == Address("127.0.0.1", 9901)
+
+
+def test_bad_admin_address_exits_2(served: Served) -> None:
+    result = invoke("--listen", ":1", "--upstream", "h:2", "--processor", "h:1", "--admin", "x")
+    assert result.exit_code == cli.EXIT_CONFIG and "--admin" in result.output

@@ -95,7 +95,7 @@ def test_filter_accepts_an_envoy_http_filters_entry() -> None:
 @pytest.mark.parametrize(
     ("data", "option"),
     [
-        ({"observability_mode": True}, "ext_proc.observability_mode"),
+        ({"http_service": {}}, "ext_proc.http_service"),
         (
             {"processing_mode": {"request_body_mode": "GRPC"}},
             "ext_proc.processing_mode.request_body_mode",
@@ -120,7 +120,7 @@ def test_filter_accepts_an_envoy_http_filters_entry() -> None:
         ({"message_timeout": "4000s"}, "ext_proc.message_timeout"),
     ],
     ids=[
-        "observability",
+        "http-service",
         "grpc-body-mode",
         "duplex-needs-trailers",
         "grpc-override",
@@ -270,3 +270,118 @@ def test_load_file_errors(tmp_path: Path) -> None:
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n")
     assert "mapping" in error_of(load_file, listy).message
+
+
+@pytest.mark.parametrize(
+    ("data", "option"),
+    [
+        (
+            {"request_attributes": ["request.path", "request.bogus"]},
+            "ext_proc.request_attributes[1]",
+        ),
+        (
+            {"metadata_options": {"receiving_namespaces": {"typed": ["ns"]}}},
+            "ext_proc.metadata_options.receiving_namespaces.typed",
+        ),
+        (
+            {"metadata_options": {"cluster_metadata_forwarding_namespaces": {"untyped": ["c"]}}},
+            "ext_proc.metadata_options.cluster_metadata_forwarding_namespaces",
+        ),
+        (
+            {"forward_rules": {"allowed_headers": {"patterns": [{"custom": {}}]}}},
+            "ext_proc.forward_rules.allowed_headers.patterns[0]",
+        ),
+    ],
+    ids=["unknown-attribute", "typed-metadata", "cluster-metadata", "custom-matcher"],
+)
+def test_control_fields_refused_by_name(data: dict[str, object], option: str) -> None:
+    file = FileConfig(filter=parse_filter(data, "ext_proc"))
+    assert error_of(build_config, file, BASE).option == option
+
+
+def test_control_fields_are_built() -> None:
+    file = parse_file_data(
+        {
+            "ext_proc": {
+                "observability_mode": True,
+                "deferred_close_timeout": "1s",
+                "max_message_timeout": "2s",
+                "request_attributes": ["request.path"],
+                "metadata_options": {
+                    "receiving_namespaces": {"untyped": ["a"]},
+                    "forwarding_namespaces": {"untyped": ["b"]},
+                },
+            },
+            "metadata_headers": {"a": "X-A-Meta"},
+        }
+    )
+    exchange = build_config(file, BASE).exchange
+    assert exchange.observability_mode and exchange.deferred_close_timeout == 1.0
+    assert exchange.max_message_timeout == 2.0
+    assert exchange.request_attributes == ("request.path",)
+    assert exchange.receiving_namespaces == frozenset({"a"})
+    assert exchange.forwarding_namespaces == ("b",)
+    assert exchange.metadata_headers == (("a", b"x-a-meta"),)
+
+
+def test_routes_pick_settings_by_prefix_in_order() -> None:
+    file = parse_file_data(
+        {
+            "ext_proc": {
+                "failure_mode_allow": False,
+                "grpc_service": {"envoy_grpc": {"cluster_name": "main"}},
+            },
+            "clusters": {"main": "127.0.0.1:7000", "other": "127.0.0.1:7001"},
+            "routes": [
+                {"prefix": "/off", "disabled": True},
+                {
+                    "prefix": "/api",
+                    "overrides": {
+                        "failure_mode_allow": True,
+                        "processing_mode": {"response_body_mode": "BUFFERED"},
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "other"}},
+                        "grpc_initial_metadata": [{"key": "x-route", "value": "1"}],
+                    },
+                },
+            ],
+        }
+    )
+    config = build_config(file, Overrides(listen=":1", upstream="127.0.0.1:2"))
+    off, _ = config.for_path(b"/off/x")
+    assert off.processing_mode.request_header_mode == off.processing_mode.SKIP
+    api, processor = config.for_path(b"/api/v1")
+    assert api.failure_mode_allow
+    assert api.processing_mode.response_body_mode == api.processing_mode.BUFFERED
+    assert api.processing_mode.response_header_mode == 0  # replaced whole, not merged
+    assert processor.target == "127.0.0.1:7001"
+    assert processor.metadata == (("x-route", "1"),)
+    assert config.for_path(b"/else") == (config.exchange, config.processor)
+
+
+@pytest.mark.parametrize(
+    ("routes", "option"),
+    [
+        ([{"disabled": True}], "routes[0].prefix"),
+        ([{"prefix": "/a"}], "routes[0]"),
+        ([{"prefix": "/a", "disabled": False}], "routes[0].disabled"),
+        (
+            [{"prefix": "/a", "overrides": {"request_attributes": ["request.path"]}}],
+            "routes[0].overrides.request_attributes",
+        ),
+        ("not a list", "routes"),
+    ],
+    ids=["no-prefix", "no-override", "disabled-false", "unsupported-override", "not-a-list"],
+)
+def test_route_errors_name_the_entry(routes: object, option: str) -> None:
+    def build() -> None:
+        file = parse_file_data({"ext_proc": {}, "routes": routes})
+        build_config(file, BASE)
+
+    assert error_of(build).option == option
+
+
+def test_metadata_headers_must_name_headers() -> None:
+    assert (
+        error_of(parse_file_data, {"ext_proc": {}, "metadata_headers": {"ns": "bad name"}}).option
+        == "metadata_headers"
+    )

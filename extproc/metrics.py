@@ -1,0 +1,487 @@
+"""extproc's stats: Envoy's ext_proc counters and a few proxy stats, in a prometheus-client
+registry, rendered as Envoy's ``/stats`` (text and JSON) and as Prometheus text.
+
+This module owns the stat names and what moves them; it does no I/O (``extproc.io.admin``
+serves what it renders) and imports nothing from ``extproc.io``.
+
+Names. ``/stats`` shows every stat under the name Envoy gives it, so extproc and Envoy read
+the same. extproc has no HTTP connection manager of its own to configure, so the HCM stat
+prefix is always ``ingress``; the one upstream is Envoy cluster ``upstream``::
+
+    http.ingress.ext_proc.streams_started       ExternalProcessor.stat_prefix empty
+    http.ingress.ext_proc.foo.streams_started   stat_prefix "foo"
+    http.ingress.downstream_rq_2xx              ... and the other proxy stats below
+    cluster.upstream.upstream_rq_time           histograms in milliseconds, as Envoy's
+
+``/metrics`` shows the same values under ``extproc_`` names. As Envoy's own Prometheus output
+does with tags, what varies inside an Envoy name becomes a label (``stat_prefix``,
+``response_code_class``); prometheus-client adds ``_total`` to counters, and times are in
+seconds there.
+
+Cost. A request ends in one :func:`record_exchange`: a handful of increments on metric
+children bound when the registry is built (no label lookups), and none for counters that did
+not move.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    from extproc.core.exchange import Outcome
+
+HCM_STAT_PREFIX = "ingress"
+UPSTREAM_CLUSTER = "upstream"
+# Envoy's default histogram buckets (milliseconds), in seconds for Prometheus.
+# fmt: off
+_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+               300000, 600000, 1800000, 3600000)
+# fmt: on
+BUCKETS = tuple(ms / 1000 for ms in _BUCKETS_MS)
+# The percentiles Envoy's /stats reports for each histogram.
+QUANTILES = (0, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 100)
+
+# The exchange's details for a processor stream that ended with an error while in use, and for
+# a response body over the buffer limit (Envoy's core answers that one, not ext_proc).
+_GRPC_ERROR_DETAILS = "ext_proc_error_gRPC_error_"
+_RESPONSE_TOO_LARGE_DETAILS = "response_payload_too_large"
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+_V = TypeVar("_V")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, slots=True)
+class ExtProcCounters:
+    """Envoy's ext_proc counters (spec §10.1), one field per counter, named as in Envoy."""
+
+    streams_started: Counter = field(metadata=_help("Processor streams opened"))
+    stream_msgs_sent: Counter = field(metadata=_help("Messages sent to the processor"))
+    stream_msgs_received: Counter = field(
+        metadata=_help("Processor replies handled, including those that failed the request")
+    )
+    spurious_msgs_received: Counter = field(
+        metadata=_help("Processor replies out of order, of an unknown kind, or not allowed")
+    )
+    streams_closed: Counter = field(
+        metadata=_help("Streams closed by the proxy, or ended by the processor with OK")
+    )
+    streams_failed: Counter = field(metadata=_help("Streams that ended with a non-OK status"))
+    failure_mode_allowed: Counter = field(
+        metadata=_help("Errors ignored because of failure_mode_allow")
+    )
+    message_timeouts: Counter = field(metadata=_help("Replies not received in message_timeout"))
+    rejected_header_mutations: Counter = field(
+        metadata=_help("Header mutations refused by the mutation rules or limits")
+    )
+    override_message_timeout_received: Counter = field(
+        metadata=_help("override_message_timeout accepted")
+    )
+    override_message_timeout_ignored: Counter = field(
+        metadata=_help("override_message_timeout refused")
+    )
+    clear_route_cache_ignored: Counter = field(
+        metadata=_help("clear_route_cache set on a reply without header mutation")
+    )
+    clear_route_cache_disabled: Counter = field(
+        metadata=_help("clear_route_cache set while route cache clearing is disabled")
+    )
+    clear_route_cache_upstream_ignored: Counter = field(
+        metadata=_help("clear_route_cache set in an upstream filter")
+    )
+    http_not_ok_resp_received: Counter = field(
+        metadata=_help("HTTP processor service errors (http_service)")
+    )
+    immediate_responses_sent: Counter = field(
+        metadata=_help("Local replies by ext_proc: immediate responses and error replies")
+    )
+    server_half_closed: Counter = field(
+        metadata=_help("Streams ended by the processor while in use")
+    )
+
+
+EXT_PROC_COUNTERS = tuple(f.name for f in fields(ExtProcCounters))
+
+
+@dataclass(slots=True)
+class _HistogramValues:
+    buckets: list[tuple[float, float]]  # (upper bound in seconds, cumulative count)
+    count: float = 0.0
+    sum: float = 0.0
+
+
+class Stats:
+    """One proxy's stats, in a registry of its own: several proxies may share a process
+    (tests, embedding), and prometheus-client's default registry is process-wide."""
+
+    def __init__(self, stat_prefix: str = "") -> None:
+        self.stat_prefix = stat_prefix
+        self.registry = CollectorRegistry()
+        # (Prometheus sample name, labels) -> Envoy name, for rendering /stats from the registry.
+        self._envoy_names: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        hcm = f"http.{HCM_STAT_PREFIX}."
+        scope = f"{hcm}ext_proc." + (f"{stat_prefix}." if stat_prefix else "")
+        prefix_label = {"stat_prefix": stat_prefix}
+        self.ext_proc = ExtProcCounters(
+            **{
+                f.name: self._counter(
+                    f"ext_proc_{f.name}", scope + f.name, f.metadata["help"], prefix_label
+                )
+                for f in fields(ExtProcCounters)
+            }
+        )
+        self.downstream_cx_total = self._counter(
+            "downstream_cx", hcm + "downstream_cx_total", "Client connections accepted"
+        )
+        self.downstream_cx_active = self._gauge(
+            "downstream_cx_active", hcm + "downstream_cx_active", "Client connections open"
+        )
+        self.downstream_rq_total = self._counter(
+            "downstream_rq", hcm + "downstream_rq_total", "Requests received"
+        )
+        # Indexed by status // 100; classes 1 to 5 exist, as in Envoy (other codes count none).
+        classes = Counter(
+            "extproc_downstream_rq_xx",
+            "Responses by status class",
+            ["response_code_class"],
+            registry=self.registry,
+        )
+        self._rq_class = tuple(
+            self._bind(
+                classes,
+                "extproc_downstream_rq_xx_total",
+                f"{hcm}downstream_rq_{n}xx",
+                {"response_code_class": str(n)},
+            )
+            for n in range(1, 6)
+        )
+        self.downstream_rq_too_large = self._counter(
+            "downstream_rq_too_large",
+            hcm + "downstream_rq_too_large",
+            "Requests answered 413: a buffered body over the buffer limit",
+        )
+        self.rs_too_large = self._counter(
+            "rs_too_large",
+            hcm + "rs_too_large",
+            "Responses answered 500: a buffered body over the buffer limit",
+        )
+        self.downstream_rq_time = self._histogram(
+            "downstream_rq_time", hcm + "downstream_rq_time", "Request durations"
+        )
+        self.upstream_rq_time = self._histogram(
+            "upstream_rq_time",
+            f"cluster.{UPSTREAM_CLUSTER}.upstream_rq_time",
+            "Upstream times until the response head",
+        )
+        # Envoy has no stat for this (it logs per-call latencies); extproc's own name.
+        self.processor_time = self._histogram(
+            "ext_proc_processor_time",
+            scope + "processor_time",
+            "Time each request waited for the processor",
+            prefix_label,
+        )
+
+    # Building -----------------------------------------------------------------------------
+
+    def _counter(
+        self, name: str, envoy: str, doc: str, labels: dict[str, str] | None = None
+    ) -> Counter:
+        family = Counter(f"extproc_{name}", doc, sorted(labels or ()), registry=self.registry)
+        return self._bind(family, f"extproc_{name}_total", envoy, labels)
+
+    def _gauge(self, name: str, envoy: str, doc: str) -> Gauge:
+        family = Gauge(f"extproc_{name}", doc, registry=self.registry)
+        return self._bind(family, f"extproc_{name}", envoy, None)
+
+    def _histogram(
+        self, name: str, envoy: str, doc: str, labels: dict[str, str] | None = None
+    ) -> Histogram:
+        family = Histogram(
+            f"extproc_{name}_seconds",
+            f"{doc} (seconds)",
+            sorted(labels or ()),
+            registry=self.registry,
+            buckets=BUCKETS,
+        )
+        return self._bind(family, f"extproc_{name}_seconds", envoy, labels)
+
+    def _bind(self, family: _M, sample: str, envoy: str, labels: dict[str, str] | None) -> _M:
+        """The child of ``family`` for ``labels``, bound once; /stats shows ``sample`` (for a
+        histogram, its family name) as ``envoy``."""
+        self._envoy_names[(sample, _key(labels))] = envoy
+        return family.labels(**labels) if labels else family
+
+    # Recording ----------------------------------------------------------------------------
+
+    def connection_opened(self) -> None:
+        self.downstream_cx_total.inc()
+        self.downstream_cx_active.inc()
+
+    def connection_closed(self) -> None:
+        self.downstream_cx_active.dec()
+
+    def record_response(self, status: int) -> None:
+        """A request ended; ``status`` is what the client was sent (0: nothing)."""
+        self.downstream_rq_total.inc()
+        if 100 <= status < 600:
+            self._rq_class[status // 100 - 1].inc()
+
+    # Reading ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, float]:
+        """Every counter and gauge by its Envoy name, plus ``<histogram>.count`` and
+        ``<histogram>.sum`` (milliseconds) for each histogram. For tests."""
+        scalars, histograms = self._read()
+        for name, values in histograms.items():
+            scalars[f"{name}.count"] = values.count
+            scalars[f"{name}.sum"] = values.sum * 1000
+        return scalars
+
+    def render_envoy_stats(self, name_filter: re.Pattern[str] | None = None) -> str:
+        """Envoy's ``/stats`` text: ``name: value`` lines, counters and gauges sorted by name,
+        then the histograms' percentiles (``P50(interval,cumulative)``, milliseconds).
+
+        extproc keeps no flush interval, so the interval column is ``nan``, as Envoy prints
+        for an interval without samples. ``name_filter`` is ``/stats?filter=``.
+        """
+        scalars, histograms = self._read()
+        lines = [f"{name}: {_number(value)}" for name, value in _matching(scalars, name_filter)]
+        for name, values in _matching(histograms, name_filter):
+            lines.append(f"{name}: {_summary(values)}")
+        return "".join(line + "\n" for line in lines)
+
+    def render_envoy_json(self, name_filter: re.Pattern[str] | None = None) -> str:
+        """Envoy's ``/stats?format=json``: ``{"stats": [{"name": ..., "value": ...}, ...]}``,
+        histograms last in one ``{"histograms": ...}`` entry."""
+        scalars, histograms = self._read()
+        stats: list[object] = [
+            {"name": name, "value": _json_number(value)}
+            for name, value in _matching(scalars, name_filter)
+        ]
+        computed = [
+            {
+                "name": name,
+                "values": [
+                    {"cumulative": None if math.isnan(v) else v, "interval": None}
+                    for v in _percentiles(values)
+                ],
+            }
+            for name, values in _matching(histograms, name_filter)
+        ]
+        if computed:
+            stats.append(
+                {"histograms": {"supported_quantiles": QUANTILES, "computed_quantiles": computed}}
+            )
+        return json.dumps({"stats": stats})
+
+    def render_prometheus(self, accept: str = "") -> tuple[bytes, str]:
+        """Prometheus text (OpenMetrics when ``accept`` asks for it) and its content type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    def _read(self) -> tuple[dict[str, float], dict[str, _HistogramValues]]:
+        """The registry's current values by Envoy name: counters and gauges, histograms."""
+        scalars: dict[str, float] = {}
+        histograms: dict[str, _HistogramValues] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                if family.type == "histogram":
+                    bound = labels.pop("le", None)
+                    envoy = self._envoy_names[(family.name, _key(labels))]
+                    values = histograms.setdefault(envoy, _HistogramValues([]))
+                    if bound is not None:
+                        values.buckets.append((float(bound), sample.value))
+                    elif sample.name.endswith("_count"):
+                        values.count = sample.value
+                    elif sample.name.endswith("_sum"):
+                        values.sum = sample.value
+                elif (name := self._envoy_names.get((sample.name, _key(labels)))) is not None:
+                    scalars[name] = sample.value  # not the _created samples
+        return scalars, histograms
+
+
+def _key(labels: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((labels or {}).items()))
+
+
+def _matching(values: dict[str, _V], pattern: re.Pattern[str] | None) -> Iterator[tuple[str, _V]]:
+    # Envoy sorts by name, byte for byte; these names are ASCII, so str order is the same.
+    for name in sorted(values):
+        if pattern is None or pattern.search(name):
+            yield name, values[name]
+
+
+def _number(value: float) -> str:
+    """As Envoy prints a double: the shortest form, no trailing ``.0``."""
+    if math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
+
+
+def _summary(values: _HistogramValues) -> str:
+    if not values.count:
+        return "No recorded values"
+    return " ".join(
+        f"P{q:g}(nan,{_number(v)})" for q, v in zip(QUANTILES, _percentiles(values), strict=True)
+    )
+
+
+def _percentiles(values: _HistogramValues) -> list[float]:
+    """Envoy's percentiles in milliseconds, estimated from the buckets (NaN with no samples)."""
+    if not values.count:
+        return [math.nan] * len(QUANTILES)
+    return [round(_quantile(values.buckets, q / 100) * 1000, 6) for q in QUANTILES]
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket the rank falls in; the
+    open-ended last bucket answers with its lower bound."""
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, cumulative in buckets:
+        if cumulative >= rank and cumulative > below:
+            if math.isinf(upper):
+                return lower
+            return lower + (upper - lower) * (rank - below) / (cumulative - below)
+        lower, below = upper, cumulative
+    return lower
+
+
+# Requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeFacts:
+    """What one finished request did, as the stats need it; the driver fills it in (most of it
+    with :meth:`from_outcome`). Times are in seconds."""
+
+    # The processor stream.
+    stream_started: bool = False
+    messages_sent: int = 0
+    messages_received: int = 0
+    spurious: int = 0
+    rejected_mutations: int = 0
+    # The proxy closed a stream the processor had not ended (normal end, error, timeout...).
+    stream_closed: bool = False
+    # The processor ended the stream (OK or not) while the exchange still used it.
+    server_half_closed: bool = False
+    # The stream ended with a non-OK gRPC status, whenever that was.
+    stream_failed: bool = False
+    failed_open: bool = False
+    timed_out: bool = False
+    # ext_proc answered locally: the processor's immediate response or ext_proc's own error
+    # reply (Envoy counts both), not a 413/500 for a body over the buffer limit.
+    immediate_response: bool = False
+    timeout_overrides_received: int = 0
+    timeout_overrides_ignored: int = 0
+    clear_route_cache_ignored: int = 0
+    # The request.
+    status: int = 0  # sent to the client; 0 when nothing was
+    request_too_large: bool = False
+    response_too_large: bool = False
+    duration: float = 0.0
+    upstream_time: float | None = None  # until the upstream's response head; None: no response
+    processor_time: float = 0.0  # spent waiting for processor replies
+
+    @classmethod
+    def from_outcome(
+        cls,
+        outcome: Outcome,
+        *,
+        local_reply: bool,
+        request_too_large: bool,
+        status: int,
+        duration: float,
+        upstream_time: float | None,
+        processor_time: float,
+    ) -> ExchangeFacts:
+        """The facts of an exchange's :class:`Outcome`, plus what only the driver knows:
+        whether the exchange answered locally (a ``RespondLocally`` was carried out), whether
+        the proxy answered 413 for the request body, the status sent and the times."""
+        # The exchange opens the stream with its first message.
+        started = outcome.messages_sent > 0
+        # An error ends processing only while in use, and then it is what the details say.
+        error_in_use = outcome.stream_error is not None and outcome.details.startswith(
+            _GRPC_ERROR_DETAILS
+        )
+        ended_by_processor = outcome.server_closed or error_in_use
+        response_too_large = local_reply and outcome.details == _RESPONSE_TOO_LARGE_DETAILS
+        return cls(
+            stream_started=started,
+            messages_sent=outcome.messages_sent,
+            messages_received=outcome.messages_received,
+            spurious=outcome.spurious,
+            rejected_mutations=outcome.rejected_mutations,
+            stream_closed=started and not ended_by_processor,
+            server_half_closed=ended_by_processor,
+            stream_failed=outcome.stream_error is not None,
+            failed_open=outcome.failed_open,
+            timed_out=outcome.timed_out,
+            immediate_response=local_reply and not response_too_large,
+            timeout_overrides_received=outcome.override_timeout_received,
+            timeout_overrides_ignored=outcome.override_timeout_ignored,
+            status=status,
+            request_too_large=request_too_large,
+            response_too_large=response_too_large,
+            duration=duration,
+            upstream_time=upstream_time,
+            processor_time=processor_time,
+        )
+
+
+def record_exchange(stats: Stats, facts: ExchangeFacts) -> None:
+    """Count one finished request."""
+    _record_ext_proc(stats.ext_proc, facts)
+    if facts.stream_started:
+        stats.processor_time.observe(facts.processor_time)
+    stats.record_response(facts.status)
+    stats.downstream_rq_time.observe(facts.duration)
+    if facts.upstream_time is not None:
+        stats.upstream_rq_time.observe(facts.upstream_time)
+    if facts.request_too_large:
+        stats.downstream_rq_too_large.inc()
+    if facts.response_too_large:
+        stats.rs_too_large.inc()
+
+
+def _record_ext_proc(c: ExtProcCounters, facts: ExchangeFacts) -> None:
+    """Envoy's accounting (spec §3.5, §8.3): a processor that ends the stream OK counts as
+    closed and half-closed; with an error it counts as failed and half-closed, and when that
+    error fails open Envoy then treats it as an OK close, counting closed and half-closed
+    again."""
+    ended_ok = facts.server_half_closed and not facts.stream_failed
+    error_failed_open = facts.server_half_closed and facts.stream_failed and facts.failed_open
+    for counter, amount in (
+        (c.streams_started, int(facts.stream_started)),
+        (c.stream_msgs_sent, facts.messages_sent),
+        (c.stream_msgs_received, facts.messages_received),
+        (c.spurious_msgs_received, facts.spurious),
+        (c.streams_closed, facts.stream_closed + ended_ok + error_failed_open),
+        (c.streams_failed, int(facts.stream_failed)),
+        (c.failure_mode_allowed, int(facts.failed_open)),
+        (c.message_timeouts, int(facts.timed_out)),
+        (c.rejected_header_mutations, facts.rejected_mutations),
+        (c.override_message_timeout_received, facts.timeout_overrides_received),
+        (c.override_message_timeout_ignored, facts.timeout_overrides_ignored),
+        (c.clear_route_cache_ignored, facts.clear_route_cache_ignored),
+        (c.immediate_responses_sent, int(facts.immediate_response)),
+        (c.server_half_closed, facts.server_half_closed + error_failed_open),
+    ):
+        if amount:
+            counter.inc(amount)
