@@ -765,7 +765,7 @@ class Exchange:
             return self._release_all()
         return self._fail(
             self.settings.status_on_error,
-            f"ext_proc_error_gRPC_error_{event.code}{{{event.details}}}",
+            _grpc_error_details(event.code, event.details),
         )
 
     def _on_timeout(self) -> list[Action]:
@@ -834,6 +834,13 @@ class Exchange:
         if not response.started:
             return self.mode.response_header_mode != modes.SKIP or _sends_after_headers(response)
         return not response.output_done and _sends_after_headers(response)
+
+
+def _grpc_error_details(code: int, message: str) -> str:
+    """As Envoy's access log has it: ext_proc_error_gRPC_error_13{boom{via_upstream}}."""
+    message = "_".join(message.split())
+    inner = f"{message}{{via_upstream}}" if message else "via_upstream"
+    return f"ext_proc_error_gRPC_error_{code}{{{inner}}}"
 
 
 def _whole_numbers(value: Any) -> Any:

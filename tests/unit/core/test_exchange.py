@@ -212,7 +212,7 @@ def test_grpc_error_fails_closed() -> None:
     ex = Exchange(settings())
     ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
     out = local(ex.handle(ProcessorClosed(13, "boom")))
-    assert (out.status, out.details) == (500, "ext_proc_error_gRPC_error_13{boom}")
+    assert (out.status, out.details) == (500, "ext_proc_error_gRPC_error_13{boom{via_upstream}}")
 
 
 def test_grpc_error_fails_open_unmodified() -> None:
