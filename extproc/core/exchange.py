@@ -93,7 +93,6 @@ class _Side:
     outstanding: int = 0  # STREAMED bytes sent and not yet answered
     trailers: Headers | None = None  # arrived, not yet sent or forwarded
     body_done: bool = False  # the processed part is answered; the rest passes through
-    had_trailers: bool = False
     attributes_sent: bool = False
     first_headers: Headers | None = None  # as received, for attributes
     discard: bool = False  # CONTINUE_AND_REPLACE replaced the body: drop the original
@@ -327,7 +326,6 @@ class Exchange:
                 actions.append(self._send(side, _request(side, "trailers", message), timed=False))
             return [*actions, *self._forward_trailers(side, trailers)]
         side.trailers = trailers
-        side.had_trailers = True
         if side.body_mode == modes.FULL_DUPLEX_STREAMED:
             message = codec.http_trailers(self._visible(trailers))
             return [self._send(side, _request(side, "trailers", message), timed=False)]

@@ -13,7 +13,8 @@ import json
 import pprint
 import re
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -197,3 +198,48 @@ def refused_port() -> Iterator[tuple[str, int]]:
         yield str(host), int(port)
     finally:
         sock.close()
+
+
+# Counters --------------------------------------------------------------------------------
+
+EXT_PROC_STATS = "http.ingress.ext_proc."
+# How often settled_counters reads, and how long the counters must stay unchanged.
+_COUNTER_POLL_S = 0.05
+COUNTERS_STABLE_S = 0.5
+
+
+def ext_proc_counters(stats: Mapping[str, float]) -> dict[str, int]:
+    """The ext_proc counters (``http.ingress.ext_proc.*``), by their name within the scope,
+    sorted.
+
+    extproc's snapshot also holds its own ``processor_time`` histogram as ``.count`` and
+    ``.sum``: a histogram, not a counter, and one Envoy does not have. No Envoy counter name
+    ends that way, so those are left out.
+    """
+    return {
+        name.removeprefix(EXT_PROC_STATS): int(value)
+        for name, value in sorted(stats.items())
+        if name.startswith(EXT_PROC_STATS) and not name.endswith((".count", ".sum"))
+    }
+
+
+def settled_counters(
+    read: Callable[[], Mapping[str, float]],
+    timeout: float,
+    stable: float = COUNTERS_STABLE_S,
+) -> dict[str, int]:
+    """The ext_proc counters once they have stopped moving: unchanged for ``stable`` seconds
+    (Envoy counts some, such as streams_closed, after the request, on a later turn of its
+    event loop). At ``timeout`` the last reading is returned as it is, and the comparison
+    shows what was still moving."""
+    deadline = time.monotonic() + timeout
+    last = ext_proc_counters(read())
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(_COUNTER_POLL_S)
+        current = ext_proc_counters(read())
+        if current != last:
+            last, since = current, time.monotonic()
+        elif time.monotonic() - since >= stable:
+            break
+    return last
