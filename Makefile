@@ -31,8 +31,8 @@ demo: venv
 	$(BIN)/extproc-proxy demo
 
 lint: venv
-	$(BIN)/ruff check extproc tests $(wildcard bench)
-	$(BIN)/ruff format --check extproc tests $(wildcard bench)
+	$(BIN)/ruff check extproc tests examples $(wildcard bench)
+	$(BIN)/ruff format --check extproc tests examples $(wildcard bench)
 
 typecheck: venv
 	$(BIN)/mypy

@@ -1,0 +1,117 @@
+"""Serve a :class:`Processor` over gRPC: the ``ExternalProcessor`` servicer and :func:`serve`.
+
+A synchronous gRPC server: each ``Process`` stream (one HTTP request) holds one pool thread
+for its lifetime, so ``workers`` bounds the requests processed at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.processor.base import Processor
+from extproc.processor.dispatch import StreamDispatcher
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+_log = logging.getLogger("extproc.processor")
+
+ProcessorSource = Processor | type[Processor] | Callable[[], Processor]
+
+
+def _factory(source: ProcessorSource) -> Callable[[], Processor]:
+    # An instance is shared by every stream (its per-request state belongs in ctx.state); a
+    # class or factory gives each stream its own, so ``self`` is per request too.
+    if isinstance(source, Processor):
+        return lambda: source
+    return source
+
+
+class ProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Runs a Processor on every ``Process`` stream, with a fresh StreamContext each."""
+
+    def __init__(self, processor: ProcessorSource) -> None:
+        self._new_processor = _factory(processor)
+
+    def Process(  # noqa: N802 (the gRPC method name)
+        self, request_iterator: Iterator[ep.ProcessingRequest], context: grpc.ServicerContext
+    ) -> Iterator[ep.ProcessingResponse]:
+        metadata = tuple(
+            (key, value.decode("latin-1") if isinstance(value, bytes) else value)
+            for key, value in context.invocation_metadata() or ()
+        )
+        dispatcher = StreamDispatcher(self._new_processor(), metadata)
+        for request in request_iterator:
+            try:
+                reply = dispatcher.handle(request)
+            except Exception as err:  # noqa: BLE001 (any hook failure ends only this stream)
+                _log.exception("processor hook failed")
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            if reply is not None:
+                yield reply
+            if dispatcher.finished:
+                # The request is answered: ending the stream is what Envoy expects next.
+                return
+
+
+@dataclass
+class RunningServer:
+    """A started processor server; ``stop`` it (or use it as a context manager)."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, refuse new streams, let open ones finish within ``grace``."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait(timeout=None if grace is None else grace + 5.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops; False if ``timeout`` passed first."""
+        # grpc's wait_for_termination returns True when it *timed out*.
+        return not self.server.wait_for_termination(timeout)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0)
+
+
+def _enable_reflection(server: grpc.Server) -> bool:
+    # Reflection is a convenience (grpcurl); grpcio-reflection is not a dependency.
+    if importlib.util.find_spec("grpc_reflection") is None:
+        return False
+    reflection = importlib.import_module("grpc_reflection.v1alpha.reflection")
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    return True
+
+
+def serve(processor: ProcessorSource, address: str, *, workers: int = 16) -> RunningServer:
+    """Start serving ``processor`` on ``address`` ("127.0.0.1:0" picks a port).
+
+    Also registers the standard ``grpc.health.v1.Health`` service, SERVING both overall ("")
+    and for the ExternalProcessor service. Raises RuntimeError if the address cannot be bound.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    ep_grpc.add_ExternalProcessorServicer_to_server(ProcessorServicer(processor), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _enable_reflection(server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.start()
+    return RunningServer(server, port, health_servicer)
