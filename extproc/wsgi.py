@@ -1,0 +1,602 @@
+"""ext_proc as WSGI middleware: ``ExtProcMiddleware(app, config)`` around any PEP 3333 app.
+
+The same :class:`extproc.core.exchange.Exchange` as the proxy decides everything; this module
+only translates WSGI to its events and its actions back to WSGI, as ``extproc.io.driver`` does
+for sockets:
+
+* the request phase runs to its end before the app is called: the body the exchange forwards
+  is collected and handed to the app as a new ``wsgi.input``. When no request body message can
+  be due (body mode NONE, no mode override, not observing) the original ``wsgi.input`` is
+  handed over unread, so uploads stream into the app as without the middleware;
+* the response phase runs inside the iterable returned to the server, so ``start_response`` is
+  called only once the exchange releases the head, and body pieces are yielded as the exchange
+  forwards them (NONE and STREAMED stay streaming; BUFFERED holds the body, as in Envoy).
+
+What WSGI cannot carry: trailers (none come in; response trailers are dropped), a message
+deadline while blocked reading ``wsgi.input`` or the app's iterable (it is checked after each
+piece), and a local reply after the response head went out (Envoy resets the stream; here the
+iterable raises, so the server aborts the connection).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+
+from extproc.config import (
+    Overrides,
+    ProcessorSettings,
+    ProxyConfig,
+    Route,
+    build_config,
+    load_file,
+    parse_file_data,
+)
+from extproc.core import attributes, modes, wire
+from extproc.core.events import (
+    Action,
+    BodyReceived,
+    CloseStream,
+    Direction,
+    Event,
+    ForwardBody,
+    ForwardHeaders,
+    HeadersReceived,
+    MessageTimedOut,
+    ProcessorClosed,
+    ProcessorReplied,
+    RespondFromProxy,
+    RespondLocally,
+    RestartTimer,
+    SendToProcessor,
+)
+from extproc.core.exchange import Exchange
+from extproc.core.settings import ExchangeSettings
+from extproc.errors import ProcessorStreamError, ProcessorTimeout
+from extproc.io.processor import ProcessorClient, ProcessorStream
+from extproc.models import Header, Headers
+
+__all__ = ["ExtProcMiddleware", "WsgiConfig"]
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+StartResponse = Callable[..., Callable[[bytes], object]]
+
+READ_SIZE = 64 * 1024
+# As in the proxy: an untimed wait (FULL_DUPLEX_STREAMED) still has a bound.
+UNTIMED_WAIT = 300.0
+# build_config wants a listener and an upstream; WSGI has neither, so these are never used.
+_NO_LISTEN = "127.0.0.1:0"
+_NO_UPSTREAM = "127.0.0.1:1"
+
+
+class ExchangeAborted(Exception):
+    """The response cannot be completed (a local reply after its head went out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WsgiConfig:
+    """The ext_proc filter settings and processor of a middleware; per-path routes too."""
+
+    exchange: ExchangeSettings
+    processor: ProcessorSettings
+    routes: tuple[Route, ...] = ()
+
+    @classmethod
+    def from_proxy_config(cls, config: ProxyConfig) -> WsgiConfig:
+        return cls(config.exchange, config.processor, config.routes)
+
+    @classmethod
+    def from_dict(
+        cls, ext_proc: dict[str, Any], processor: str | None = None, **overrides: Any
+    ) -> WsgiConfig:
+        """Any of the config file's three shapes as a dict; ``processor`` and ``overrides``
+        (:class:`extproc.config.Overrides` fields) as the CLI's flags."""
+        return cls._build(parse_file_data(ext_proc), processor, overrides)
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, processor: str | None = None, **overrides: Any
+    ) -> WsgiConfig:
+        return cls._build(load_file(Path(path)), processor, overrides)
+
+    @classmethod
+    def _build(cls, file: Any, processor: str | None, overrides: dict[str, Any]) -> WsgiConfig:
+        # The proxy's builder, so validation, defaults and error messages are the same;
+        # listen and upstream only satisfy it.
+        flags = Overrides(
+            listen=_NO_LISTEN, upstream=_NO_UPSTREAM, processor=processor, **overrides
+        )
+        return cls.from_proxy_config(build_config(file, flags))
+
+    def for_path(self, path: bytes) -> tuple[ExchangeSettings, ProcessorSettings]:
+        for route in self.routes:
+            if path.startswith(route.prefix):
+                return route.exchange, route.processor
+        return self.exchange, self.processor
+
+
+class ExtProcMiddleware:
+    """Wraps a WSGI app; each request runs one ext_proc exchange with the processor."""
+
+    def __init__(self, app: WsgiApp, config: WsgiConfig | ProxyConfig) -> None:
+        if isinstance(config, ProxyConfig):
+            config = WsgiConfig.from_proxy_config(config)
+        self.app = app
+        self.config = config
+        self._lock = threading.Lock()
+        self._clients: dict[ProcessorSettings, ProcessorClient] = {}
+        self._pid = os.getpid()
+
+    def processor(self, settings: ProcessorSettings) -> ProcessorClient:
+        """The process's channel to ``settings``, created on first use.
+
+        Lazily, because pre-forking servers (gunicorn) import the app in the master: a gRPC
+        channel must not cross a fork, so each worker makes its own.
+        """
+        with self._lock:
+            if self._pid != os.getpid():
+                # Inherited from the parent through fork: unusable here, and not ours to close.
+                self._clients, self._pid = {}, os.getpid()
+            client = self._clients.get(settings)
+            if client is None:
+                client = self._clients[settings] = ProcessorClient(settings)
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, {}
+        for client in clients.values():
+            client.close()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        headers = request_headers(environ)
+        settings, target = self.config.for_path(headers.get(b":path") or b"/")
+        return _Response(_Run(self, environ, start_response, headers, settings, target))
+
+
+# Environ <-> headers ---------------------------------------------------------------------
+
+_SPECIAL = {"CONTENT_TYPE": b"content-type", "CONTENT_LENGTH": b"content-length"}
+
+
+def request_headers(environ: Mapping[str, Any]) -> Headers:
+    """The request as the processor sees it, through the proxy's own ingress rules."""
+    wire_headers: list[Header] = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].lower().replace("_", "-").encode("latin-1")
+        elif key in _SPECIAL and value:
+            name = _SPECIAL[key]
+        else:
+            continue
+        wire_headers.append((name, str(value).encode("latin-1")))
+    if not any(name == b"host" for name, _ in wire_headers):
+        host = f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+        wire_headers.insert(0, (b"host", host.encode("latin-1")))
+    path = quote(
+        environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+        safe="/;=,@:!$&'()*+~",
+        encoding="latin-1",
+    )
+    query = environ.get("QUERY_STRING", "")
+    target = (path or "/") + (f"?{query}" if query else "")
+    options = wire.IngressOptions(
+        scheme=str(environ.get("wsgi.url_scheme", "http")).encode(),
+        # The WSGI server is the edge and sets REMOTE_ADDR itself; nothing to forward.
+        forwarded_for=False,
+    )
+    return wire.request_from_wire(
+        str(environ.get("REQUEST_METHOD", "GET")).encode("latin-1"),
+        target.encode("latin-1"),
+        wire_headers,
+        str(environ.get("REMOTE_ADDR", "")),
+        options,
+    )
+
+
+def environ_with(environ: Mapping[str, Any], headers: Headers) -> dict[str, Any]:
+    """A copy of ``environ`` carrying the (mutated) request ``headers``."""
+    out = {k: v for k, v in environ.items() if not k.startswith("HTTP_") and k not in _SPECIAL}
+    out["REQUEST_METHOD"] = (headers.get(b":method") or b"GET").decode("latin-1")
+    authority = headers.get(b":authority")
+    if authority:
+        out["HTTP_HOST"] = authority.decode("latin-1")
+    path, _, query = (headers.get(b":path") or b"/").partition(b"?")
+    path_info = unquote_to_bytes(path).decode("latin-1")
+    script = str(environ.get("SCRIPT_NAME", ""))
+    if script and (path_info == script or path_info.startswith(script + "/")):
+        path_info = path_info[len(script) :]
+    else:
+        out["SCRIPT_NAME"] = "" if script else out.get("SCRIPT_NAME", "")
+    out["PATH_INFO"] = path_info
+    out["QUERY_STRING"] = query.decode("latin-1")
+    for name, value in headers.regular():
+        text = value.decode("latin-1")
+        if name == b"host":
+            continue
+        if name == b"content-type":
+            out["CONTENT_TYPE"] = text
+        elif name == b"content-length":
+            out["CONTENT_LENGTH"] = text
+        else:
+            key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+            # Repeated headers fold into one value, as WSGI servers fold them.
+            sep = "; " if name == b"cookie" else ","
+            out[key] = f"{out[key]}{sep}{text}" if key in out else text
+    return out
+
+
+# One request -----------------------------------------------------------------------------
+
+BodyPiece = tuple[bytes, bool]
+
+
+class _Run:
+    """One request's exchange, driven like the proxy's ``_RequestRun``."""
+
+    def __init__(
+        self,
+        middleware: ExtProcMiddleware,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        headers: Headers,
+        settings: ExchangeSettings,
+        target: ProcessorSettings,
+    ) -> None:
+        self.mw = middleware
+        self.environ = environ
+        self.start_response = start_response
+        self.request = headers
+        self.target = target
+        self.method = headers.get(b":method") or b"GET"
+        self.exchange = Exchange(settings, _connection(environ))
+        self.client: ProcessorClient | None = None
+        self.stream: ProcessorStream | None = None
+        self.deadline: float | None = None
+        self.local: RespondLocally | None = None
+        self.proxy_response: tuple[int, bytes] | None = None
+        self.request_head: Headers | None = None
+        self.request_body = bytearray()
+        self.pass_input = False  # hand the app the original wsgi.input, unread
+        self.input_read = False
+        self.input_left: int | None = None
+        self.out: deque[bytes] = deque()
+        self.head_sent = False
+        self.app_result: Iterable[bytes] | None = None
+        self.app_iter: Iterator[bytes] | None = None
+        self.app_status: tuple[int, list[Header]] | None = None
+        self.app_written: list[bytes] = []
+        self.finished = False
+        mode: ProcessingMode = settings.processing_mode
+        # No request body message can be due: the body need not go through the exchange.
+        self.request_passthrough = (
+            mode.request_body_mode == modes.NONE
+            and not settings.allow_mode_override
+            and not settings.observability_mode
+        )
+
+    # The request phase ----------------------------------------------------------------
+
+    def run_request(self) -> None:
+        length = _content_length(self.environ)
+        # A chunked body is readable to its end only where the server says so (gunicorn).
+        chunked = "chunked" in str(self.environ.get("HTTP_TRANSFER_ENCODING", "")).lower() and bool(
+            self.environ.get("wsgi.input_terminated")
+        )
+        has_body = bool(length) or chunked
+        self.input_left = length if not chunked else None
+        self._feed(HeadersReceived(Direction.REQUEST, self.request, not has_body))
+        self._run_direction(Direction.REQUEST, self._read_input)
+
+    def _read_input(self) -> BodyPiece:
+        size = READ_SIZE if self.input_left is None else min(READ_SIZE, self.input_left)
+        data: bytes = self.environ["wsgi.input"].read(size) if size else b""
+        self.input_read = self.input_read or bool(data)
+        if self.input_left is not None:
+            if size and not data:
+                raise ExchangeAborted("the client closed before sending the whole body")
+            self.input_left -= len(data)
+            return data, self.input_left == 0
+        return data, not data
+
+    def app_environ(self) -> dict[str, Any]:
+        assert self.request_head is not None
+        environ = environ_with(self.environ, self.request_head)
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        if not self.pass_input:
+            environ["wsgi.input"] = io.BytesIO(bytes(self.request_body))
+            environ["CONTENT_LENGTH"] = str(len(self.request_body))
+            environ["wsgi.input_terminated"] = True
+        return environ
+
+    # The response phase ---------------------------------------------------------------
+
+    def call_app(self) -> None:
+        result = self.mw.app(self.app_environ(), self._app_start_response)
+        self.app_result = result
+        self.app_iter = iter(result)
+        first: list[bytes] = []
+        while self.app_status is None:
+            # PEP 3333 lets the app call start_response as late as its first iteration.
+            try:
+                first.append(next(self.app_iter))
+            except StopIteration:
+                break
+        if self.app_status is None:
+            raise RuntimeError("the WSGI app did not call start_response")
+        self.app_written += first
+
+    def _app_start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        if exc_info is not None and self.head_sent:
+            raise exc_info[1].with_traceback(exc_info[2])
+        code = int(status.split(" ", 1)[0])
+        self.app_status = (
+            code,
+            [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers],
+        )
+        return self.app_written.append  # the legacy write(): its data precedes the iterable
+
+    def response(self) -> Iterator[bytes]:
+        if self.local is None:
+            if self.proxy_response is not None:
+                status, body = self.proxy_response
+                head = [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", b"text/plain"),
+                ]
+                self.app_written = [body]
+                self.app_status = (status, head)
+            else:
+                self.call_app()
+            assert self.app_status is not None
+            status, head = self.app_status
+            allowed = wire.response_may_have_body(status, self.method)
+            length = wire.response_body_length(head) if allowed else 0
+            headers = wire.response_from_wire(status, head)
+            self._feed(HeadersReceived(Direction.RESPONSE, headers, not allowed or length == 0))
+            ex = self.exchange
+            while self._going(Direction.RESPONSE):
+                yield from self._drain_out()
+                if ex.awaiting_reply and ex.timer_running:
+                    # The answer to a piece first: the app's next piece may be slow to come
+                    # (a stream of events), and what it already gave must not wait for it.
+                    self._wait_reply(self._time_left())
+                elif ex.wants_input(Direction.RESPONSE):
+                    self._read_into(Direction.RESPONSE, self._read_app)
+                elif ex.awaiting_reply:
+                    self._wait_reply(self._time_left())
+                else:
+                    raise RuntimeError("exchange stuck in the response direction")
+            yield from self._drain_out()
+        if self.local is not None:
+            yield from self._reply_locally(self.local)
+
+    def _read_app(self) -> BodyPiece:
+        if self.app_written:
+            return self.app_written.pop(0), False
+        if self.app_iter is None:
+            return b"", True
+        for data in self.app_iter:
+            if data:
+                return bytes(data), False
+        return b"", True
+
+    def _drain_out(self) -> Iterator[bytes]:
+        while self.out:
+            yield self.out.popleft()
+
+    def _reply_locally(self, reply: RespondLocally) -> Iterator[bytes]:
+        if self.head_sent:
+            raise ExchangeAborted(f"local reply after the response started: {reply.details}")
+        allowed = wire.response_may_have_body(reply.status, self.method)
+        self._send_head(reply.headers, len(reply.body) if allowed else 0, allowed)
+        if allowed and reply.body:
+            yield reply.body
+
+    def _send_head(self, headers: Headers, length: int | None, allowed: bool) -> None:
+        status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
+        self.start_response(
+            f"{status} {reason.decode()}".strip(),
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in wire_headers],
+        )
+        self.head_sent = True
+
+    # The exchange loop, as extproc.io.driver's --------------------------------------------
+
+    def _run_direction(self, direction: Direction, read: Callable[[], BodyPiece]) -> None:
+        ex = self.exchange
+        while self._going(direction):
+            if direction is Direction.REQUEST and (
+                self.proxy_response is not None or self.pass_input
+            ):
+                return
+            if ex.wants_input(direction):
+                self._read_into(direction, read)
+            elif ex.awaiting_reply:
+                self._wait_reply(self._time_left())
+            else:
+                raise RuntimeError(f"exchange stuck in the {direction.value} direction")
+
+    def _going(self, direction: Direction) -> bool:
+        """Whether the direction still has work: input is read to its end even once the
+        output is done, so a replaced body is drained (as in the proxy)."""
+        ex = self.exchange
+        return self.local is None and (not ex.output_done(direction) or ex.wants_input(direction))
+
+    def _read_into(self, direction: Direction, read: Callable[[], BodyPiece]) -> None:
+        if self._time_left() <= 0:
+            self._wait_reply(0)  # the message deadline passed: a reply now, or the timeout
+            return
+        # A blocking read: WSGI gives no way to bound it, the deadline is checked after it.
+        data, eos = read()
+        self._feed(BodyReceived(direction, data, eos))
+        while self.local is None and self.stream is not None and self.stream.ready():
+            self._wait_reply(0)
+
+    def _time_left(self) -> float:
+        if self.deadline is None:
+            return UNTIMED_WAIT
+        return self.deadline - time.monotonic()
+
+    def _wait_reply(self, timeout: float) -> None:
+        assert self.stream is not None
+        reply: Event
+        try:
+            response = self.stream.recv(timeout)
+            reply = ProcessorClosed(0) if response is None else ProcessorReplied(response)
+        except ProcessorTimeout:
+            reply = MessageTimedOut()
+        except ProcessorStreamError as err:
+            reply = ProcessorClosed(err.code, err.details)
+        self._feed(reply)
+        if not self.exchange.timer_running:
+            self.deadline = None
+
+    def _feed(self, event: Event) -> None:
+        self._execute(self.exchange.handle(event))
+        if self.stream is not None and self.exchange.streams_replies:
+            self.stream.start_pump()
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendToProcessor):
+                self._send(action)
+            elif isinstance(action, ForwardHeaders):
+                self._forward_headers(action)
+            elif isinstance(action, ForwardBody):
+                self._forward_body(action)
+            elif isinstance(action, RespondLocally):
+                self.local = action
+            elif isinstance(action, RestartTimer):
+                self.deadline = time.monotonic() + action.timeout
+            elif isinstance(action, RespondFromProxy):
+                self.proxy_response = (action.status, action.body)
+            elif isinstance(action, CloseStream):
+                self._close_stream()
+            # ForwardTrailers: WSGI has no trailers to carry them (see the module docstring).
+
+    def _send(self, action: SendToProcessor) -> None:
+        if self.stream is None:
+            self.client = self.mw.processor(self.target)
+            self.stream = self.client.open_stream()
+        self.stream.send(action.request)
+        if action.timed:
+            self.deadline = time.monotonic() + self.exchange.settings.message_timeout
+
+    def _close_stream(self) -> None:
+        self.deadline = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def _forward_headers(self, action: ForwardHeaders) -> None:
+        if action.direction is Direction.RESPONSE:
+            allowed = wire.response_may_have_body(
+                int(action.headers.get(b":status") or b"502"), self.method
+            )
+            length = 0 if action.end_of_stream and allowed else action.body_length
+            self._send_head(action.headers, length, allowed)
+            return
+        for namespace, header in self.exchange.settings.metadata_headers:
+            value = self.exchange.metadata_json(namespace)
+            if value is not None:
+                action.headers.set(header, value.encode())
+        self.request_head = action.headers
+        if (
+            not action.end_of_stream
+            and not self.input_read
+            and (self.request_passthrough or self.exchange.complete)
+        ):
+            # Nothing more for the processor and nothing read yet: the app reads the body
+            # itself, streaming, as it would without the middleware.
+            self.pass_input = True
+
+    def _forward_body(self, action: ForwardBody) -> None:
+        if action.direction is Direction.REQUEST:
+            self.request_body += action.data
+        elif action.data:
+            self.out.append(action.data)
+
+    def finish(self) -> None:
+        """Release what the request held; idempotent, called from the iterable's close()."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            close = getattr(self.app_result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            stream = self.stream
+            if stream is not None and self.exchange.observing and self.client is not None:
+                # Observability mode: queued messages still reach the processor.
+                self.stream = None
+                self.client.watchdog.arm(
+                    self.exchange.settings.deferred_close_timeout, stream.close
+                )
+            self._close_stream()
+
+
+class _Response:
+    """What the server iterates; its close() always reaches the app's iterable."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._gen = self._generate()
+
+    def _generate(self) -> Generator[bytes, None, None]:
+        run = self._run
+        run.run_request()
+        yield from run.response()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._gen
+
+    def close(self) -> None:
+        try:
+            self._gen.close()
+        finally:
+            self._run.finish()
+
+    def __enter__(self) -> _Response:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _content_length(environ: Mapping[str, Any]) -> int | None:
+    value = str(environ.get("CONTENT_LENGTH") or "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _connection(environ: Mapping[str, Any]) -> attributes.Connection:
+    def port(key: str) -> int:
+        value = str(environ.get(key) or "")
+        return int(value) if value.isdigit() else 0
+
+    return attributes.Connection(
+        source=(str(environ.get("REMOTE_ADDR", "")), port("REMOTE_PORT")),
+        destination=(str(environ.get("SERVER_NAME", "")), port("SERVER_PORT")),
+        protocol=str(environ.get("SERVER_PROTOCOL", "HTTP/1.1")),
+        start=datetime.datetime.now(datetime.UTC),
+    )
