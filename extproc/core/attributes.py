@@ -61,11 +61,6 @@ def _address(value: tuple[str, int] | None) -> str | None:
     return f"{host}:{value[1]}"
 
 
-def _size(headers: Headers, conn: Connection) -> Value | None:
-    length = headers.get(b"content-length")
-    return float(length) if length is not None and length.isdigit() else 0.0
-
-
 def rfc3339(moment: datetime.datetime) -> str:
     """As CEL prints a timestamp: trailing zeros of the fraction dropped, ``+00:00``."""
     text = moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
@@ -86,7 +81,7 @@ REQUEST: dict[str, _Getter] = {
     "request.id": _header(b"x-request-id"),
     "request.protocol": lambda h, c: c.protocol,
     "request.time": lambda h, c: rfc3339(c.start),
-    "request.size": _size,
+    "request.size": lambda h, c: 0.0,  # replaced in evaluate(): it needs the bytes read
     "source.address": lambda h, c: _address(c.source),
     "source.port": lambda h, c: float(c.source[1]),
     "destination.address": lambda h, c: _address(c.destination),
@@ -105,11 +100,24 @@ SUPPORTED = frozenset(REQUEST) | frozenset(RESPONSE)
 
 
 def evaluate(
-    names: tuple[str, ...], request: Headers, response: Headers | None, conn: Connection
+    names: tuple[str, ...],
+    request: Headers,
+    response: Headers | None,
+    conn: Connection,
+    request_bytes: int = 0,
 ) -> struct_pb2.Struct:
-    """The Struct of every named attribute that has a value now."""
+    """The Struct of every named attribute that has a value now.
+
+    ``request_bytes`` is how much request body was read so far: ``request.size`` is the
+    content-length when there is one, else that (as Envoy counts it).
+    """
     out = struct_pb2.Struct()
     for name in names:
+        if name == "request.size":
+            length = request.get(b"content-length")
+            size = int(length) if length is not None and length.isdigit() else request_bytes
+            out.fields[name].number_value = float(size)
+            continue
         getter, headers = (
             (REQUEST.get(name), request) if name in REQUEST else (RESPONSE.get(name), response)
         )

@@ -94,6 +94,7 @@ class _Side:
     trailers: Headers | None = None  # arrived, not yet sent or forwarded
     body_done: bool = False  # the processed part is answered; the rest passes through
     attributes_sent: bool = False
+    bytes_received: int = 0
     first_headers: Headers | None = None  # as received, for attributes
     discard: bool = False  # CONTINUE_AND_REPLACE replaced the body: drop the original
     duplex_data_sent: bool = False
@@ -220,12 +221,16 @@ class Exchange:
         length = headers.get(b"content-length")
         side.original_length = int(length) if length is not None and length.isdigit() else None
         header_mode = self._header_mode(side)
-        side.strip_length = modes.strips_content_length(side.body_mode, header_mode)
+        # Observability mode leaves the message as it is: nothing is held or replaced.
+        side.strip_length = not self.observing and modes.strips_content_length(
+            side.body_mode, header_mode
+        )
+        if self.settings.request_attributes or self.settings.response_attributes:
+            side.first_headers = headers.copy()
         if self.complete or header_mode == modes.SKIP:
             if not self.complete and side.strip_length:
                 headers.remove(b"content-length")
             return [*self._release(side, headers), *self._close_if_done()]
-        side.first_headers = headers.copy()
         message = codec.http_headers(self._visible(headers), eos)
         actions: list[Action] = [self._send(side, _request(side, "headers", message))]
         if side.strip_length:
@@ -252,6 +257,7 @@ class Exchange:
 
     def _on_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         side.input_done = eos
+        side.bytes_received += len(data)
         if side.discard:
             # A replaced body: the original's bytes are dropped, its end still ends ours.
             return self._forward_body(side, b"", True) if eos and not side.output_done else []
@@ -402,7 +408,13 @@ class Exchange:
             side.attributes_sent = True
             request_head = self._sides[Direction.REQUEST].first_headers or Headers()
             response_head = self._sides[Direction.RESPONSE].first_headers
-            values = attributes.evaluate(names, request_head, response_head, self.connection)
+            values = attributes.evaluate(
+                names,
+                request_head,
+                response_head,
+                self.connection,
+                self._sides[Direction.REQUEST].bytes_received,
+            )
             request.attributes[attributes.ATTRIBUTES_KEY].CopyFrom(values)
 
     def _receive_metadata(self, response: ep.ProcessingResponse) -> None:

@@ -245,6 +245,9 @@ def _apply_set(
         rules, op, name, value, result, ERR_SET_FAILED
     ):
         return
+    if name == b"host":
+        # Envoy's header map keeps an HTTP/1 Host as :authority: setting one sets the other.
+        name = b":authority"
     if append:
         headers.add(name, value)
     else:

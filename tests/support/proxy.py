@@ -31,7 +31,8 @@ def running_proxy(
     Envoy's 200 ms message timeout is too short for a loaded test machine: unless the test
     sets one, the processor gets 10 s.
     """
-    if "message_timeout" not in overrides and not (ext_proc or {}).get("message_timeout"):
+    filter_dict = (ext_proc or {}).get("ext_proc", ext_proc or {})
+    if "message_timeout" not in overrides and not filter_dict.get("message_timeout"):
         overrides["message_timeout"] = "10s"
     file: FileConfig | None = parse_file_data(ext_proc) if ext_proc is not None else None
     flags = Overrides(
