@@ -217,11 +217,18 @@ def _overrides(kw: dict[str, Any], **targets: Any) -> Overrides:
             raise ConfigError("--cluster", f"expected NAME=HOST:PORT, got {item!r}")
         parse_address(target, "--cluster", default_host="127.0.0.1")
         clusters[name] = target
+    metadata_headers: dict[str, str] = {}
+    for item in kw.get("metadata_header") or ():
+        namespace, sep, header = item.partition("=")
+        if not sep or not namespace or not header:
+            raise ConfigError("--metadata-header", f"expected NS=HEADER, got {item!r}")
+        metadata_headers[namespace] = header
     modes: dict[str, str | None] = {
         k: (None if kw[k] in (None, "default") else kw[k]) for k in _MODE_FLAGS
     }
     return Overrides(
         clusters=clusters,
+        metadata_headers=metadata_headers,
         failure_mode_allow=kw["failure_mode_allow"],
         message_timeout=kw["message_timeout"],
         status_on_error=kw["status_on_error"],
@@ -294,6 +301,13 @@ def main() -> None:
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Envoy ExternalProcessor message (YAML/JSON) or an extproc config file.",
+)
+@click.option(
+    "--metadata-header",
+    multiple=True,
+    metavar="NS=HEADER",
+    help="Hand dynamic metadata namespace NS to the upstream as request header HEADER, in JSON"
+    " (Envoy's %DYNAMIC_METADATA(NS)%); repeatable.",
 )
 @click.option(
     "--cluster",

@@ -400,6 +400,7 @@ class Overrides:
     upstream: str | None = None
     processor: str | None = None
     clusters: Mapping[str, str] = field(default_factory=dict)
+    metadata_headers: Mapping[str, str] = field(default_factory=dict)
     failure_mode_allow: bool | None = None
     message_timeout: str | None = None
     request_header_mode: str | None = None
@@ -467,7 +468,11 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
     processor = _processor_settings(message.grpc_service, clusters, processor_flag)
     head_bytes = flags.max_request_headers_kb * 1024
     limits = HeaderLimits(max_count=flags.max_request_headers_count, max_bytes=head_bytes)
-    metadata_headers = tuple((ns, h.lower().encode()) for ns, h in file.metadata_headers.items())
+    named = {**file.metadata_headers, **flags.metadata_headers}
+    for namespace, header in named.items():
+        if not name_is_valid(header.lower().encode()):
+            raise ConfigError("--metadata-header", f"{header!r} is not a header name")
+    metadata_headers = tuple((ns, h.lower().encode()) for ns, h in named.items())
 
     def exchange_settings(filter_message: ext_proc_pb2.ExternalProcessor) -> ExchangeSettings:
         return ExchangeSettings.from_proto(

@@ -120,3 +120,29 @@ def test_admin_flag_and_stat_prefix(served: Served, tmp_path: Path) -> None:
 def test_bad_admin_address_exits_2(served: Served) -> None:
     result = invoke("--listen", ":1", "--upstream", "h:2", "--processor", "h:1", "--admin", "x")
     assert result.exit_code == cli.EXIT_CONFIG and "--admin" in result.output
+
+
+def test_metadata_header_flag(served: Served) -> None:
+    result = invoke(
+        "--listen",
+        ":1",
+        "--upstream",
+        "127.0.0.1:2",
+        "--processor",
+        "h:1",
+        "--metadata-header",
+        "ns=X-Ext-Proc-DM",
+    )
+    assert result.exit_code == 0, result.output
+    assert served[0].exchange.metadata_headers == (("ns", b"x-ext-proc-dm"),)
+    bad = invoke(
+        "--listen",
+        ":1",
+        "--upstream",
+        "127.0.0.1:2",
+        "--processor",
+        "h:1",
+        "--metadata-header",
+        "ns=bad name",
+    )
+    assert bad.exit_code == cli.EXIT_CONFIG and "--metadata-header" in bad.output
