@@ -469,7 +469,7 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
     head_bytes = flags.max_request_headers_kb * 1024
     limits = HeaderLimits(max_count=flags.max_request_headers_count, max_bytes=head_bytes)
     named = {**file.metadata_headers, **flags.metadata_headers}
-    for namespace, header in named.items():
+    for header in named.values():
         if not name_is_valid(header.lower().encode()):
             raise ConfigError("--metadata-header", f"{header!r} is not a header name")
     metadata_headers = tuple((ns, h.lower().encode()) for ns, h in named.items())

@@ -24,7 +24,6 @@ import datetime
 import io
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,24 +47,17 @@ from extproc.core import attributes, modes, wire
 from extproc.core.events import (
     Action,
     BodyReceived,
-    CloseStream,
     Direction,
-    Event,
     ForwardBody,
     ForwardHeaders,
     HeadersReceived,
-    MessageTimedOut,
-    ProcessorClosed,
-    ProcessorReplied,
     RespondFromProxy,
     RespondLocally,
-    RestartTimer,
-    SendToProcessor,
 )
 from extproc.core.exchange import Exchange
 from extproc.core.settings import ExchangeSettings
-from extproc.errors import ProcessorStreamError, ProcessorTimeout
-from extproc.io.processor import ProcessorClient, ProcessorStream
+from extproc.io.processor import ProcessorClient
+from extproc.io.session import ProcessorSession
 from extproc.models import Header, Headers
 
 __all__ = ["ExtProcMiddleware", "WsgiConfig"]
@@ -75,7 +67,7 @@ StartResponse = Callable[..., Callable[[bytes], object]]
 
 READ_SIZE = 64 * 1024
 # As in the proxy: an untimed wait (FULL_DUPLEX_STREAMED) still has a bound.
-UNTIMED_WAIT = 300.0
+
 # build_config wants a listener and an upstream; WSGI has neither, so these are never used.
 _NO_LISTEN = "127.0.0.1:0"
 _NO_UPSTREAM = "127.0.0.1:1"
@@ -263,8 +255,7 @@ class _Run:
         self.method = headers.get(b":method") or b"GET"
         self.exchange = Exchange(settings, _connection(environ))
         self.client: ProcessorClient | None = None
-        self.stream: ProcessorStream | None = None
-        self.deadline: float | None = None
+        self.session = ProcessorSession(self.exchange, self._client, self._forward)
         self.local: RespondLocally | None = None
         self.proxy_response: tuple[int, bytes] | None = None
         self.request_head: Headers | None = None
@@ -297,7 +288,7 @@ class _Run:
         )
         has_body = bool(length) or chunked
         self.input_left = length if not chunked else None
-        self._feed(HeadersReceived(Direction.REQUEST, self.request, not has_body))
+        self.session.feed(HeadersReceived(Direction.REQUEST, self.request, not has_body))
         self._run_direction(Direction.REQUEST, self._read_input)
 
     def _read_input(self) -> BodyPiece:
@@ -367,18 +358,20 @@ class _Run:
             allowed = wire.response_may_have_body(status, self.method)
             length = wire.response_body_length(head) if allowed else 0
             headers = wire.response_from_wire(status, head)
-            self._feed(HeadersReceived(Direction.RESPONSE, headers, not allowed or length == 0))
+            self.session.feed(
+                HeadersReceived(Direction.RESPONSE, headers, not allowed or length == 0)
+            )
             ex = self.exchange
             while self._going(Direction.RESPONSE):
                 yield from self._drain_out()
                 if ex.awaiting_reply and ex.timer_running:
                     # The answer to a piece first: the app's next piece may be slow to come
                     # (a stream of events), and what it already gave must not wait for it.
-                    self._wait_reply(self._time_left())
+                    self.session.wait_reply(self.session.time_left())
                 elif ex.wants_input(Direction.RESPONSE):
                     self._read_into(Direction.RESPONSE, self._read_app)
                 elif ex.awaiting_reply:
-                    self._wait_reply(self._time_left())
+                    self.session.wait_reply(self.session.time_left())
                 else:
                     raise RuntimeError("exchange stuck in the response direction")
             yield from self._drain_out()
@@ -427,7 +420,7 @@ class _Run:
             if ex.wants_input(direction):
                 self._read_into(direction, read)
             elif ex.awaiting_reply:
-                self._wait_reply(self._time_left())
+                self.session.wait_reply(self.session.time_left())
             else:
                 raise RuntimeError(f"exchange stuck in the {direction.value} direction")
 
@@ -438,70 +431,30 @@ class _Run:
         return self.local is None and (not ex.output_done(direction) or ex.wants_input(direction))
 
     def _read_into(self, direction: Direction, read: Callable[[], BodyPiece]) -> None:
-        if self._time_left() <= 0:
-            self._wait_reply(0)  # the message deadline passed: a reply now, or the timeout
+        if self.session.time_left() <= 0:
+            self.session.wait_reply(0)  # the message deadline passed: a reply now, or the timeout
             return
         # A blocking read: WSGI gives no way to bound it, the deadline is checked after it.
         data, eos = read()
-        self._feed(BodyReceived(direction, data, eos))
-        while self.local is None and self.stream is not None and self.stream.ready():
-            self._wait_reply(0)
+        self.session.feed(BodyReceived(direction, data, eos))
+        while self.local is None and self.session.replies_ready():
+            self.session.wait_reply(0)
 
-    def _time_left(self) -> float:
-        if self.deadline is None:
-            return UNTIMED_WAIT
-        return self.deadline - time.monotonic()
+    def _client(self) -> ProcessorClient:
+        self.client = self.mw.processor(self.target)
+        return self.client
 
-    def _wait_reply(self, timeout: float) -> None:
-        assert self.stream is not None
-        reply: Event
-        try:
-            response = self.stream.recv(timeout)
-            reply = ProcessorClosed(0) if response is None else ProcessorReplied(response)
-        except ProcessorTimeout:
-            reply = MessageTimedOut()
-        except ProcessorStreamError as err:
-            reply = ProcessorClosed(err.code, err.details)
-        self._feed(reply)
-        if not self.exchange.timer_running:
-            self.deadline = None
-
-    def _feed(self, event: Event) -> None:
-        self._execute(self.exchange.handle(event))
-        if self.stream is not None and self.exchange.streams_replies:
-            self.stream.start_pump()
-
-    def _execute(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, SendToProcessor):
-                self._send(action)
-            elif isinstance(action, ForwardHeaders):
-                self._forward_headers(action)
-            elif isinstance(action, ForwardBody):
-                self._forward_body(action)
-            elif isinstance(action, RespondLocally):
-                self.local = action
-            elif isinstance(action, RestartTimer):
-                self.deadline = time.monotonic() + action.timeout
-            elif isinstance(action, RespondFromProxy):
-                self.proxy_response = (action.status, action.body)
-            elif isinstance(action, CloseStream):
-                self._close_stream()
-            # ForwardTrailers: WSGI has no trailers to carry them (see the module docstring).
-
-    def _send(self, action: SendToProcessor) -> None:
-        if self.stream is None:
-            self.client = self.mw.processor(self.target)
-            self.stream = self.client.open_stream()
-        self.stream.send(action.request)
-        if action.timed:
-            self.deadline = time.monotonic() + self.exchange.settings.message_timeout
-
-    def _close_stream(self) -> None:
-        self.deadline = None
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+    def _forward(self, action: Action) -> None:
+        """The exchange's actions for the HTTP side (the session keeps the processor's)."""
+        if isinstance(action, ForwardHeaders):
+            self._forward_headers(action)
+        elif isinstance(action, ForwardBody):
+            self._forward_body(action)
+        elif isinstance(action, RespondLocally):
+            self.local = action
+        elif isinstance(action, RespondFromProxy):
+            self.proxy_response = (action.status, action.body)
+        # ForwardTrailers: WSGI has no trailers to carry them (see the module docstring).
 
     def _forward_headers(self, action: ForwardHeaders) -> None:
         if action.direction is Direction.RESPONSE:
@@ -541,14 +494,9 @@ class _Run:
             if close is not None:
                 close()
         finally:
-            stream = self.stream
-            if stream is not None and self.exchange.observing and self.client is not None:
-                # Observability mode: queued messages still reach the processor.
-                self.stream = None
-                self.client.watchdog.arm(
-                    self.exchange.settings.deferred_close_timeout, stream.close
-                )
-            self._close_stream()
+            if self.exchange.observing and self.client is not None:
+                self.session.close_later(self.client)
+            self.session.close()
 
 
 class _Response:

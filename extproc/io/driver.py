@@ -26,26 +26,20 @@ from extproc.core import attributes, wire
 from extproc.core.events import (
     Action,
     BodyReceived,
-    CloseStream,
     Direction,
-    Event,
     ForwardBody,
     ForwardHeaders,
     ForwardTrailers,
     HeadersReceived,
-    MessageTimedOut,
-    ProcessorClosed,
-    ProcessorReplied,
     RespondFromProxy,
     RespondLocally,
-    RestartTimer,
-    SendToProcessor,
     TrailersReceived,
 )
 from extproc.core.exchange import Exchange
-from extproc.errors import ProcessorStreamError, ProcessorTimeout, UpstreamConnectError
+from extproc.errors import UpstreamConnectError
 from extproc.io.http1 import Http1Connection
-from extproc.io.processor import ProcessorClient, ProcessorStream
+from extproc.io.processor import ProcessorClient
+from extproc.io.session import ProcessorSession
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import ExchangeFacts, Stats, record_exchange
 from extproc.models import Headers
@@ -54,7 +48,7 @@ access_log = structlog.get_logger("extproc.access")
 
 UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # An untimed wait (FULL_DUPLEX_STREAMED replies) still has a bound: nothing hangs.
-UNTIMED_WAIT = 300.0
+
 
 BodyPiece = tuple[bytes, bool, list[tuple[bytes, bytes]] | None]
 
@@ -220,8 +214,7 @@ class _RequestRun:
                 start=datetime.datetime.now(datetime.UTC),
             ),
         )
-        self.stream: ProcessorStream | None = None
-        self.deadline: float | None = None  # when the oldest unanswered message times out
+        self.session = ProcessorSession(self.exchange, lambda: self.processor, self._forward)
         self.local: RespondLocally | None = None
         self.upstream: Http1Connection | None = None
         self.upstream_reused = False
@@ -251,7 +244,7 @@ class _RequestRun:
                 h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"),
                 self.timeouts.client,
             )
-        self._feed(HeadersReceived(Direction.REQUEST, headers, not has_body))
+        self.session.feed(HeadersReceived(Direction.REQUEST, headers, not has_body))
         self._run_direction(Direction.REQUEST, self._read_request_body)
         if self.local is None:
             self._respond()
@@ -269,7 +262,7 @@ class _RequestRun:
             assert self.upstream is not None
             headers, eos = self._response_head
             read = self._read_upstream_body
-        self._feed(HeadersReceived(Direction.RESPONSE, headers, eos))
+        self.session.feed(HeadersReceived(Direction.RESPONSE, headers, eos))
         self._run_direction(Direction.RESPONSE, read)
 
     def _run_direction(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
@@ -281,91 +274,46 @@ class _RequestRun:
             if ex.wants_input(direction):
                 self._read_into(direction, read)
             elif ex.awaiting_reply:
-                self._wait_reply(self._time_left())
+                self.session.wait_reply(self.session.time_left())
             else:
                 raise RuntimeError(f"exchange stuck in the {direction.value} direction")
 
     def _read_into(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
-        left = self._time_left()
+        left = self.session.time_left()
         if left <= 0:
-            self._wait_reply(0)  # the message deadline passed: a reply now, or the timeout
+            self.session.wait_reply(0)  # the message deadline passed: a reply now, or the timeout
             return
         try:
             data, eos, trailers = read(min(left, self._io_timeout(direction)))
         except TimeoutError:
             if left > self._io_timeout(direction):
                 raise
-            self._wait_reply(0)  # the message deadline passed while reading
+            self.session.wait_reply(0)  # the message deadline passed while reading
             return
         if direction is Direction.REQUEST:
             self.stats.bytes_in += len(data)
-        self._feed(BodyReceived(direction, data, eos))
+        self.session.feed(BodyReceived(direction, data, eos))
         if trailers is not None and self.local is None:
-            self._feed(TrailersReceived(direction, Headers(trailers)))
-        while self.local is None and self.stream is not None and self.stream.ready():
-            self._wait_reply(0)
+            self.session.feed(TrailersReceived(direction, Headers(trailers)))
+        while self.local is None and self.session.replies_ready():
+            self.session.wait_reply(0)
 
     def _io_timeout(self, direction: Direction) -> float:
         return self.timeouts.client if direction is Direction.REQUEST else self.timeouts.upstream
 
-    def _time_left(self) -> float:
-        if self.deadline is None:
-            return UNTIMED_WAIT
-        return self.deadline - time.monotonic()
-
-    def _wait_reply(self, timeout: float) -> None:
-        assert self.stream is not None
-        started = time.monotonic()
-        reply: Event
-        try:
-            response = self.stream.recv(timeout)
-            reply = ProcessorClosed(0) if response is None else ProcessorReplied(response)
-        except ProcessorTimeout:
-            reply = MessageTimedOut()
-        except ProcessorStreamError as err:
-            reply = ProcessorClosed(err.code, err.details)
-        self.stats.processor += time.monotonic() - started
-        self._feed(reply)
-        if not self.exchange.timer_running:
-            self.deadline = None
-
-    def _feed(self, event: Event) -> None:
-        self._execute(self.exchange.handle(event))
-        if self.stream is not None and self.exchange.streams_replies:
-            self.stream.start_pump()
-
-    def _execute(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, SendToProcessor):
-                self._send(action)
-            elif isinstance(action, ForwardHeaders):
-                self._forward_headers(action)
-            elif isinstance(action, ForwardBody):
-                self._forward_body(action)
-            elif isinstance(action, ForwardTrailers):
-                self._forward_trailers(action)
-            elif isinstance(action, RespondLocally):
-                self.local = action
-            elif isinstance(action, RestartTimer):
-                self.deadline = time.monotonic() + action.timeout
-            elif isinstance(action, RespondFromProxy):
-                self.proxy_response = _ProxyResponse(action.status, action.body)
-                self.close_after = True  # the rest of the request body is not read
-            elif isinstance(action, CloseStream):
-                self._close_stream()
-
-    def _send(self, action: SendToProcessor) -> None:
-        if self.stream is None:
-            self.stream = self.processor.open_stream()
-        self.stream.send(action.request)
-        if action.timed:
-            self.deadline = time.monotonic() + self.exchange.settings.message_timeout
-
-    def _close_stream(self) -> None:
-        self.deadline = None
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+    def _forward(self, action: Action) -> None:
+        """The exchange's actions for the HTTP side (the session keeps the processor's)."""
+        if isinstance(action, ForwardHeaders):
+            self._forward_headers(action)
+        elif isinstance(action, ForwardBody):
+            self._forward_body(action)
+        elif isinstance(action, ForwardTrailers):
+            self._forward_trailers(action)
+        elif isinstance(action, RespondLocally):
+            self.local = action
+        elif isinstance(action, RespondFromProxy):
+            self.proxy_response = _ProxyResponse(action.status, action.body)
+            self.close_after = True  # the rest of the request body is not read
 
     # Forwarding -------------------------------------------------------------------------
 
@@ -552,13 +500,9 @@ class _RequestRun:
 
     def finish(self) -> None:
         """Release everything the request held and write its access-log entry."""
-        stream = self.stream
-        if stream is not None and self.exchange.observing:
-            # Observability mode: the stream outlives the exchange, so messages still queued
-            # reach the processor (deferred_close_timeout).
-            self.stream = None
-            self.processor.watchdog.arm(self.exchange.settings.deferred_close_timeout, stream.close)
-        self._close_stream()
+        if self.exchange.observing:
+            self.session.close_later(self.processor)
+        self.session.close()
         if self.upstream is not None:
             self.h.pool.release(self.upstream)
             self.upstream = None
@@ -573,7 +517,7 @@ class _RequestRun:
             bytes_out=self.stats.bytes_out,
             duration_ms=round((time.monotonic() - self.stats.start) * 1000, 3),
             upstream_ms=round(self.stats.upstream * 1000, 3),
-            processor_ms=round(self.stats.processor * 1000, 3),
+            processor_ms=round(self.session.processor_time * 1000, 3),
             details=outcome.details,
             failed_open=outcome.failed_open,
             **self._metadata_fields(),
@@ -590,6 +534,6 @@ class _RequestRun:
                 status=self.stats.status,
                 duration=time.monotonic() - self.stats.start,
                 upstream_time=self.stats.upstream if upstream_answered else None,
-                processor_time=self.stats.processor,
+                processor_time=self.session.processor_time,
             ),
         )
