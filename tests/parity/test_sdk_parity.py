@@ -56,6 +56,9 @@ CASES = [
         "redact-buffered",
         RedactProcessor,
         "POST",
+        # The echoed body repeats the request id: a generated one may hold a digit run that
+        # the redactor rightly redacts on one side only.
+        headers=(("x-request-id", "fixed-request-id"),),
         body=b"card 4111 1111 1111 1111 end",
         ext_proc=_mode(request_body_mode="BUFFERED", response_body_mode="BUFFERED"),
     ),
