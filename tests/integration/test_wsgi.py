@@ -358,3 +358,74 @@ def test_script_name_round_trip() -> None:
     headers.set(b":path", b"/elsewhere")
     out = environ_with(environ, headers)
     assert (out["SCRIPT_NAME"], out["PATH_INFO"]) == ("", "/elsewhere")
+
+
+def test_gunicorn_sync_workers_after_a_preloading_fork(tmp_path: Any) -> None:
+    """Pre-forking: the app (and the middleware) is built in gunicorn's master, each sync
+    worker then opens its own gRPC channel."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    if not gunicorn.exists():
+        pytest.fail("gunicorn is not installed in the test venv (setup.cfg dev extras)")
+
+    def tag(stream: ProcessorStream) -> None:
+        while (message := stream.recv()) is not None:
+            common = None
+            if message.WhichOneof("request") == "request_headers":
+                common = mutate_headers(set_headers=[("x-tagged", "yes")])
+            stream.send(matching_reply(message, common))
+
+    with ScriptedProcessor(tag) as proc:
+        env = {**os.environ, "EXTPROC_TEST_PROCESSOR": proc.address}
+        with subprocess.Popen(
+            [
+                str(gunicorn),
+                "--preload",
+                "--workers",
+                "2",
+                "--worker-class",
+                "sync",
+                "--bind",
+                "127.0.0.1:0",
+                "--chdir",
+                str(Path(__file__).parents[2]),
+                "tests.support.wsgi_app:application",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        ) as server:
+            stdout = server.stdout
+            assert stdout is not None
+            lines: list[str] = []
+            ready = threading.Event()
+
+            def read() -> None:
+                for line in stdout:
+                    lines.append(line)
+                    text = "".join(lines)
+                    if "Listening at" in text and text.count("Booting worker") >= 2:
+                        ready.set()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            ready.wait(30)
+            match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(lines))
+            port = int(match[1]) if match else 0
+            try:
+                assert port, "".join(lines)
+                replies = [request(("127.0.0.1", port), "GET", f"/{i}") for i in range(6)]
+            finally:
+                server.terminate()
+                server.wait(30)
+                reader.join(10)
+    assert all(r.status == 200 for r in replies)
+    seen = [json.loads(r.body) for r in replies]
+    assert all(s["headers"].get("HTTP_X_TAGGED") == "yes" for s in seen)
+    assert len(proc.streams) == 6
