@@ -11,10 +11,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from extproc.demo.upstream import EchoUpstream, pattern
 from tests.support.bodies import body_reply, duplex, transform
 from tests.support.processor import (
-    Handler,
     ProcessorStream,
     ScriptedProcessor,
     immediate,
+    immediate_on,
     matching_reply,
     mutate_headers,
 )
@@ -283,7 +283,6 @@ def test_streamed_chunk_cleared(upstream: EchoUpstream) -> None:
 def test_streamed_replies_may_lag_behind_chunks(upstream: EchoUpstream) -> None:
     """Envoy pipelines STREAMED chunks: a processor may read ahead before answering."""
     chunks = [b"one ", b"two ", b"three"]
-    go = threading.Event()
 
     def read_ahead(stream: ProcessorStream) -> None:
         pending: list[ep.ProcessingRequest] = []
@@ -301,7 +300,6 @@ def test_streamed_replies_may_lag_behind_chunks(upstream: EchoUpstream) -> None:
         running_proxy(upstream.address, proc.address, request_body_mode="streamed") as proxy,
         Client(proxy.address) as client,
     ):
-        go.set()
         assert client.request("POST", "/", body=chunks).status == 200
     assert upstream.requests[0].body == b"ONE TWO THREE"
 
@@ -332,20 +330,9 @@ def test_continue_and_replace_supplies_the_body(upstream: EchoUpstream, has_body
     assert "request_body" not in kinds(proc, 1)
 
 
-def immediate_on_first(kind: str, response: ep.ProcessingResponse) -> Handler:
-    def handler(stream: ProcessorStream) -> None:
-        while (message := stream.recv()) is not None:
-            if message.WhichOneof("request") == kind:
-                stream.send(response)
-                return
-            stream.send(matching_reply(message))
-
-    return handler
-
-
 def test_immediate_response_on_the_request_body(upstream: EchoUpstream) -> None:
     with (
-        ScriptedProcessor(immediate_on_first("request_body", immediate(403, b"no"))) as proc,
+        ScriptedProcessor(immediate_on("request_body", immediate(403, b"no"))) as proc,
         running_proxy(upstream.address, proc.address, request_body_mode="buffered") as proxy,
     ):
         reply = request(proxy.address, "POST", "/", body=b"bad words")
@@ -355,7 +342,7 @@ def test_immediate_response_on_the_request_body(upstream: EchoUpstream) -> None:
 
 def test_immediate_response_on_the_buffered_response_body(upstream: EchoUpstream) -> None:
     with (
-        ScriptedProcessor(immediate_on_first("response_body", immediate(502, b"hidden"))) as p,
+        ScriptedProcessor(immediate_on("response_body", immediate(502, b"hidden"))) as p,
         running_proxy(upstream.address, p.address, response_body_mode="buffered") as proxy,
     ):
         reply = request(proxy.address, "GET", "/?size=100")
@@ -365,7 +352,7 @@ def test_immediate_response_on_the_buffered_response_body(upstream: EchoUpstream
 def test_immediate_response_after_the_response_started_resets_the_connection(
     upstream: EchoUpstream,
 ) -> None:
-    handler = immediate_on_first("response_body", immediate(502, b"too late"))
+    handler = immediate_on("response_body", immediate(502, b"too late"))
     with (
         ScriptedProcessor(handler) as proc,
         running_proxy(upstream.address, proc.address, response_body_mode="streamed") as proxy,

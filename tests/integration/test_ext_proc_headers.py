@@ -13,28 +13,18 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.demo.upstream import EchoUpstream
 from tests.support.processor import (
-    Handler,
     ProcessorStream,
     ScriptedProcessor,
     header_items,
     immediate,
+    immediate_on,
     matching_reply,
     mutate_headers,
+    mutating,
 )
 from tests.support.proxy import Client, request, running_proxy
 
 pytestmark = pytest.mark.integration
-
-
-def answer(phase: str, common: ep.CommonResponse) -> Handler:
-    """A processor that answers ``phase`` with ``common`` and every other message plainly."""
-
-    def handler(stream: ProcessorStream) -> None:
-        while (message := stream.recv()) is not None:
-            kind = message.WhichOneof("request")
-            stream.send(matching_reply(message, common if kind == phase else None))
-
-    return handler
 
 
 def test_processor_sees_both_phases_as_envoy_sends_them(
@@ -84,7 +74,7 @@ def test_request_header_mutations_reach_the_upstream(upstream: EchoUpstream) -> 
         remove=["x-gone"],
     )
     with (
-        ScriptedProcessor(answer("request_headers", common)) as proc,
+        ScriptedProcessor(mutating("request_headers", common)) as proc,
         running_proxy(upstream.address, proc.address, forwarded_for=False) as proxy,
     ):
         reply = request(
@@ -110,7 +100,7 @@ def test_rejected_mutations_are_skipped_and_the_request_continues(upstream: Echo
         remove=[":path"],
     )
     with (
-        ScriptedProcessor(answer("request_headers", common)) as proc,
+        ScriptedProcessor(mutating("request_headers", common)) as proc,
         running_proxy(upstream.address, proc.address) as proxy,
     ):
         reply = request(proxy.address, "GET", "/keep")
@@ -123,7 +113,7 @@ def test_rejected_mutations_are_skipped_and_the_request_continues(upstream: Echo
 def test_authority_change_with_allow_all_routing_sets_host(upstream: EchoUpstream) -> None:
     common = mutate_headers(set_headers=[(":authority", "other.example")])
     with (
-        ScriptedProcessor(answer("request_headers", common)) as proc,
+        ScriptedProcessor(mutating("request_headers", common)) as proc,
         running_proxy(
             upstream.address,
             proc.address,
@@ -137,7 +127,7 @@ def test_authority_change_with_allow_all_routing_sets_host(upstream: EchoUpstrea
 def test_invalid_mutation_fails_with_500(upstream: EchoUpstream) -> None:
     common = mutate_headers(set_headers=[("x-bad", "a\r\nx-injected: 1")])
     with (
-        ScriptedProcessor(answer("request_headers", common)) as proc,
+        ScriptedProcessor(mutating("request_headers", common)) as proc,
         running_proxy(upstream.address, proc.address, failure_mode_allow=True) as proxy,
     ):
         reply = request(proxy.address, "GET", "/")
@@ -150,24 +140,13 @@ def test_response_header_mutations_reach_the_client(upstream: EchoUpstream) -> N
         set_headers=[(":status", "201"), ("x-resp", "1")], remove=["x-echo-connection"]
     )
     with (
-        ScriptedProcessor(answer("response_headers", common)) as proc,
+        ScriptedProcessor(mutating("response_headers", common)) as proc,
         running_proxy(upstream.address, proc.address) as proxy,
     ):
         reply = request(proxy.address, "GET", "/")
     assert reply.status == 201
     assert reply.header("x-resp") == "1"
     assert reply.header("x-echo-connection") is None
-
-
-def immediate_on(kind: str, response: ep.ProcessingResponse) -> Handler:
-    def handler(stream: ProcessorStream) -> None:
-        while (message := stream.recv()) is not None:
-            if message.WhichOneof("request") == kind:
-                stream.send(response)
-                return
-            stream.send(matching_reply(message))
-
-    return handler
 
 
 def test_immediate_response_on_request_headers_skips_the_upstream(upstream: EchoUpstream) -> None:

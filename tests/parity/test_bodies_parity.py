@@ -42,10 +42,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.demo.upstream import EchoUpstream, ReceivedRequest, pattern
 from tests.support import parity
-from tests.support.envoy import EnvoyProxy, envoy_binary
+from tests.support.envoy import EnvoyProxy, require_envoy
 from tests.support.processor import (
     Handler,
     ProcessorStream,
+    ReplyFor,
     ScriptedProcessor,
     immediate,
     matching_reply,
@@ -85,8 +86,6 @@ ACCESS_LOG_FORMAT = (
 
 BODY_KINDS = ("request_body", "response_body")
 TRAILER_KINDS = ("request_trailers", "response_trailers")
-
-ReplyFor = Callable[[ep.ProcessingRequest], ep.ProcessingResponse]
 
 
 # Replies -----------------------------------------------------------------------------------
@@ -1266,14 +1265,6 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> Observati
         stream_end=[s.end_reason for s in streams],
     )
     return Observation(compared, notes)
-
-
-def require_envoy() -> None:
-    if envoy_binary() is None:
-        message = "no runnable Envoy 1.40 (set EXTPROC_ENVOY_BIN or run `make envoy`)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 # Differences kept on purpose, each with the reason; README "Where extproc differs".

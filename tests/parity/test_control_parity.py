@@ -24,7 +24,6 @@ Print one scenario's observation (Envoy's by default) to read what Envoy does::
 from __future__ import annotations
 
 import contextlib
-import os
 import pprint
 import sys
 import tempfile
@@ -43,14 +42,17 @@ from google.protobuf import json_format
 from extproc.core import attributes
 from extproc.demo.upstream import EchoUpstream
 from tests.support import parity
-from tests.support.envoy import EnvoyProxy, envoy_binary
+from tests.support.envoy import EnvoyProxy, require_envoy
 from tests.support.processor import (
     Handler,
     ProcessorStream,
+    ReplyFor,
     ScriptedProcessor,
     immediate,
     matching_reply,
     mutate_headers,
+    mutating,
+    on,
 )
 from tests.support.proxy import Client, Reply, running_proxy
 
@@ -71,8 +73,6 @@ GENEROUS: dict[str, Any] = {"message_timeout": "20s"}
 PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 FILTER_NAME = "envoy.filters.http.ext_proc"
 
-ReplyFor = Callable[[ep.ProcessingRequest], ep.ProcessingResponse]
-
 
 def kind_of(message: ep.ProcessingRequest) -> str:
     return str(message.WhichOneof("request"))
@@ -84,23 +84,6 @@ def kind_of(message: ep.ProcessingRequest) -> str:
 def continue_all(stream: ProcessorStream) -> None:
     while (message := stream.recv(RECV_TIMEOUT_S)) is not None:
         stream.send(matching_reply(message))
-
-
-def on(kind: str, reply: ReplyFor) -> Handler:
-    """Answer messages of ``kind`` with ``reply``, every other one with CONTINUE."""
-
-    def handler(stream: ProcessorStream) -> None:
-        while (message := stream.recv(RECV_TIMEOUT_S)) is not None:
-            if kind_of(message) == kind:
-                stream.send(reply(message))
-            else:
-                stream.send(matching_reply(message))
-
-    return handler
-
-
-def mutating(kind: str, mutation: ep.CommonResponse) -> Handler:
-    return on(kind, lambda message: matching_reply(message, mutation))
 
 
 def abort_on(kind: str) -> Handler:
@@ -950,14 +933,6 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> dict[str,
             {key: stream.metadata.get(key) for key in scenario.grpc_metadata} for stream in streams
         ]
     return observation
-
-
-def require_envoy() -> None:
-    if envoy_binary() is None:
-        message = "no runnable Envoy 1.40 (set EXTPROC_ENVOY_BIN or run `make envoy`)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def _params() -> list[Any]:

@@ -9,7 +9,6 @@ what is dropped or masked, and why).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +21,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.demo.upstream import EchoUpstream
 from tests.support import parity
-from tests.support.envoy import EnvoyProxy, envoy_binary
+from tests.support.envoy import EnvoyProxy, require_envoy
 from tests.support.processor import (
     Handler,
     ProcessorStream,
     ScriptedProcessor,
     continue_all,
     immediate,
-    matching_reply,
     mutate_headers,
+    mutating,
+    on,
 )
 from tests.support.proxy import request, running_proxy
 
@@ -45,27 +45,8 @@ STREAMS_DONE_S = 30.0
 GENEROUS: dict[str, Any] = {"message_timeout": "20s"}
 DEFAULT_TIMEOUT: dict[str, Any] = {"message_timeout": "0.2s"}
 
-ReplyFor = Callable[[ep.ProcessingRequest], ep.ProcessingResponse]
-
 
 # Handlers ----------------------------------------------------------------------------------
-
-
-def on(kind: str, reply: ReplyFor) -> Handler:
-    """Answer messages of ``kind`` with ``reply``, every other one with CONTINUE."""
-
-    def handler(stream: ProcessorStream) -> None:
-        while (message := stream.recv(RECV_TIMEOUT_S)) is not None:
-            if message.WhichOneof("request") == kind:
-                stream.send(reply(message))
-            else:
-                stream.send(matching_reply(message))
-
-    return handler
-
-
-def mutating(kind: str, mutation: ep.CommonResponse) -> Handler:
-    return on(kind, lambda message: matching_reply(message, mutation))
 
 
 def abort_internal(stream: ProcessorStream) -> None:
@@ -301,14 +282,6 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> dict[str,
         "upstream": parity.upstream_view(received),
         "processor": parity.processor_view(streams, echo),
     }
-
-
-def require_envoy() -> None:
-    if envoy_binary() is None:
-        message = "no runnable Envoy 1.40 (set EXTPROC_ENVOY_BIN or run `make envoy`)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.id)

@@ -21,9 +21,8 @@ from extproc.demo.processor import DemoTagger
 from extproc.demo.upstream import EchoUpstream
 from extproc.processor import Processor
 from extproc.processor.service import serve
-from tests.parity.test_headers_parity import require_envoy
 from tests.support import parity
-from tests.support.envoy import EnvoyProxy
+from tests.support.envoy import EnvoyProxy, require_envoy
 from tests.support.proxy import request, running_proxy
 
 pytestmark = pytest.mark.parity

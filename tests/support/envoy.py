@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_ENVOY = REPO_ROOT / ".venv-envoy/lib/python3.11/site-packages/envoy/_bin/envoy"
 
@@ -349,3 +351,12 @@ class EnvoyProxy:
             return "(no envoy.log)"
         tail = text.splitlines()[-lines:]
         return "--- envoy.log (tail) ---\n" + "\n".join(tail)
+
+
+def require_envoy() -> None:
+    """Skip a parity test where no Envoy runs here; in CI (``CI`` set) fail instead."""
+    if envoy_binary() is None:
+        message = "no runnable Envoy 1.40 (set EXTPROC_ENVOY_BIN or run `make envoy`)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

@@ -38,6 +38,9 @@ __all__ = [
     "ProcessorStream",
     "ScriptedProcessor",
     "continue_all",
+    "immediate_on",
+    "mutating",
+    "on",
     "header_items",
     "header_value",
     "immediate",
@@ -488,3 +491,37 @@ def header_value(headers: ep.HttpHeaders | base_pb2.HeaderMap, name: str) -> byt
         if key.lower() == wanted:
             return value
     return None
+
+
+ReplyFor = Callable[[ep.ProcessingRequest], ep.ProcessingResponse]
+
+
+def on(kind: str, reply: ReplyFor, recv_timeout: float = 30.0) -> Handler:
+    """Answer messages of ``kind`` with ``reply(message)``, every other one with CONTINUE."""
+
+    def handler(stream: ProcessorStream) -> None:
+        while (message := stream.recv(recv_timeout)) is not None:
+            if message.WhichOneof("request") == kind:
+                stream.send(reply(message))
+            else:
+                stream.send(matching_reply(message))
+
+    return handler
+
+
+def mutating(kind: str, common: ep.CommonResponse) -> Handler:
+    """Answer messages of ``kind`` with ``common`` (a CommonResponse), others plainly."""
+    return on(kind, lambda message: matching_reply(message, common))
+
+
+def immediate_on(kind: str, response: ep.ProcessingResponse) -> Handler:
+    """Answer the first message of ``kind`` with ``response`` and end the stream."""
+
+    def handler(stream: ProcessorStream) -> None:
+        while (message := stream.recv()) is not None:
+            if message.WhichOneof("request") == kind:
+                stream.send(response)
+                return
+            stream.send(matching_reply(message))
+
+    return handler
