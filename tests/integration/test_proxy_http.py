@@ -293,3 +293,20 @@ def test_silent_new_connection_is_dropped_without_holding_a_worker(
         # The only worker thread is free for others while this client says nothing.
         assert request(proxy.address, "GET", "/").status == 200
         assert silent.recv(1) == b""
+
+
+def test_upstream_1xx_responses_are_not_forwarded(processor: ScriptedProcessor) -> None:
+    upstream = ScriptedUpstream(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    try:
+        with running_proxy(upstream.address, processor.address) as proxy:
+            data = raw_exchange(
+                proxy.address, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+    finally:
+        upstream.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"103" not in data and b"link" not in data.lower()
+    assert data.endswith(b"ok")
