@@ -190,6 +190,16 @@ class Exchange:
         # STREAMED flow control: stop reading while too much is unanswered.
         return side.outstanding <= self.settings.buffer_limit
 
+    def forwards_body_as_read(self, direction: Direction) -> bool:
+        """Whether each body piece read now goes out at once, with no processor reply
+        awaited in between (the I/O layer may then write the head and body together)."""
+        side = self._sides[direction]
+        return (
+            side.released
+            and not side.discard
+            and (self.complete or self.observing or side.passthrough)
+        )
+
     def output_done(self, direction: Direction) -> bool:
         return self._sides[direction].output_done
 

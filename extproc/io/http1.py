@@ -6,6 +6,7 @@ Owns reading with timeouts and writing without copying body bytes. Knows nothing
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import time
 from collections.abc import Sequence
@@ -19,13 +20,14 @@ READ_SIZE = 65536
 class Http1Connection:
     """An h11 state machine bound to a blocking socket."""
 
-    __slots__ = ("sock", "h11", "_timeout", "_end")
+    __slots__ = ("sock", "h11", "_timeout", "_end", "_held")
 
     def __init__(self, sock: socket.socket, role: Any, *, max_head_bytes: int) -> None:
         self.sock = sock
         self.h11 = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self._timeout: float | None = None
         self._end: Any = None  # an EndOfMessage read behind data, handed out next time
+        self._held: list[bytes] = []  # written with the next send (see hold())
 
     def _set_timeout(self, timeout: float) -> None:
         # Only call into the socket when the value changes: most reads reuse the last one.
@@ -83,11 +85,25 @@ class Http1Connection:
         """Whether bytes already received hold (part of) another message, e.g. pipelining."""
         return bool(self.h11.trailing_data[0])
 
+    def wait_readable(self, timeout: float) -> bool:
+        """Whether the peer sent something (or closed) within ``timeout`` seconds."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
     def send(self, event: Any, timeout: float) -> None:
         pieces = self.h11.send_with_data_passthrough(event)
+        if self._held:
+            pieces = self._held + pieces
+            self._held = []
         if pieces:
             self._set_timeout(timeout)
             _sendall(self.sock, pieces)
+
+    def hold(self, event: Any) -> None:
+        """Serialise ``event`` now but write it with the next :meth:`send`: one syscall for
+        a head and the body right behind it. Only for a send that follows without a wait."""
+        self._held += self.h11.send_with_data_passthrough(event)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -215,7 +215,7 @@ class ProxyServer:
 
     def _work(self, down: Downstream) -> None:
         try:
-            keep = self.handler.serve(down)
+            keep = self.handler.serve(down, self._may_linger)
         except Exception:
             log.exception("worker_error")
             down.conn.close()
@@ -230,6 +230,10 @@ class ProxyServer:
                 self._wake_w.send(b"\0")
         else:
             self.stats.connection_closed()  # serve() or the except above closed it
+
+    def _may_linger(self) -> bool:
+        # Half the pool stays free for connections the acceptor hands over meanwhile.
+        return self._inflight <= self.config.threads // 2 and not self._stop.is_set()
 
     def _take_returned(self) -> None:
         with contextlib.suppress(BlockingIOError):
