@@ -76,19 +76,22 @@ class Watchdog:
             thread.join(timeout=5)
 
     def _run(self) -> None:
+        heap = self._heap
         with self._cond:
             while not self._stopped:
-                if not self._heap:
+                # Nearly every timer is disarmed by its reply long before it is due: drop
+                # those at the top now, so the thread wakes only for a live deadline, not
+                # once per message.
+                while heap and heap[0][2].cancelled:
+                    heapq.heappop(heap)
+                if not heap:
                     self._cond.wait()
                     continue
-                deadline, _, timer = self._heap[0]
-                delay = deadline - time.monotonic()
-                if delay > 0 and not timer.cancelled:
+                delay = heap[0][0] - time.monotonic()
+                if delay > 0:
                     self._cond.wait(delay)
                     continue
-                heapq.heappop(self._heap)
-                if not timer.cancelled:
-                    timer.callback()
+                heapq.heappop(heap)[2].callback()
 
 
 @dataclass(frozen=True, slots=True)
