@@ -240,7 +240,7 @@ def _bench(
         work,
         upstream.port,
         processor.port,
-        skip=False,
+        mode={},
         extra_args=workload.extproc_args,
         name=f"extproc-{workload.name}",
     )

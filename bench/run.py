@@ -1,11 +1,15 @@
-"""Benchmark extproc against Envoy 1.40 with the same ext_proc setup, behind wrk.
+"""Benchmark extproc beside Envoy 1.40 and beside the upstream alone, with one filter config.
 
     .venv/bin/python bench/run.py [--duration 10] [--repeat 3] [--connections 16]
-                                  [--only direct,extproc-skip,extproc,envoy-skip,envoy]
+                                  [--only proxy,req-headers,headers,buffered-post,streamed-64k]
+                                  [--targets direct,extproc,extproc-pinned,extproc-2w,envoy]
 
-Starts nginx (upstream), a no-op Python ext_proc processor, then each proxy in turn, all on
-127.0.0.1; drives each with wrk and prints a Markdown table, also written to
-bench/results/latest.md. Exits 2 when wrk or nginx (or Envoy, if asked for) is missing.
+Starts nginx (upstream), a no-op Python ext_proc processor, then for each workload each target
+in turn, all on 127.0.0.1; every proxy gets the same ExternalProcessor `processing_mode`
+(extproc as `--config`, Envoy in its bootstrap). wrk drives each at a fixed concurrency; the
+script prints Markdown tables (also written to bench/results/latest.md): req/s, p50/p99 and
+CPU µs per request of the target's whole process tree and of the processor, medians over the
+repetitions. Exits 2 when wrk or nginx (or Envoy, if asked for) is missing.
 """
 
 from __future__ import annotations
@@ -29,48 +33,98 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
 EXIT_MISSING = 2
 EXIT_FAILED = 1
 
-# (workdir, nginx port, processor port) -> a started, listening target.
-Starter = Callable[[Path, int, int], Proc]
-
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
     label: str
-    target: str
+    mode: dict[str, str]  # ExternalProcessor.processing_mode, as in Envoy's JSON
+    method: str = "GET"
+    path: str = "/"
+    body_bytes: int = 0  # request body
+    response_bytes: int = targets.BODY_BYTES
+
+
+_SKIP = {"request_header_mode": "SKIP", "response_header_mode": "SKIP"}
+WORKLOADS = [
+    Workload("proxy", "proxy only (header modes SKIP: no processor traffic)", _SKIP),
+    Workload("req-headers", "ext_proc request headers", {"response_header_mode": "SKIP"}),
+    Workload("headers", "ext_proc request + response headers (Envoy's default)", {}),
+    Workload(
+        "buffered-post",
+        "+ BUFFERED 4 KiB POST body",
+        {"request_body_mode": "BUFFERED"},
+        method="POST",
+        body_bytes=4096,
+    ),
+    Workload(
+        "streamed-64k",
+        "+ STREAMED 64 KiB response",
+        {"response_body_mode": "STREAMED"},
+        path=targets.LARGE_PATH,
+        response_bytes=targets.LARGE_BYTES,
+    ),
+]
+
+# (workdir, nginx port, processor port, processing_mode) -> a started, listening target.
+Starter = Callable[[Path, int, int, dict[str, str]], Proc]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    label: str
     start: Starter | None  # None: wrk talks to nginx itself
 
 
-def _extproc(skip: bool) -> Starter:
-    return lambda work, up, proc: targets.start_extproc(work, up, proc, skip=skip)
+def _extproc(name: str, *args: str) -> Starter:
+    return lambda work, up, proc, mode: targets.start_extproc(
+        work, up, proc, mode=mode, extra_args=args, name=name
+    )
 
 
-def _envoy(skip: bool) -> Starter:
-    return lambda work, up, proc: targets.start_envoy(work, up, proc, skip=skip)
+def _envoy(work: Path, up: int, proc: int, mode: dict[str, str]) -> Proc:
+    return targets.start_envoy(work, up, proc, mode=mode)
 
 
-_SKIP = "ext_proc, header modes SKIP (no processor traffic)"
-_SEND = "ext_proc, request+response headers"
-WORKLOADS = [
-    Workload("direct", "no proxy (reference)", "nginx", None),
-    Workload("extproc-skip", _SKIP, "extproc", _extproc(skip=True)),
-    Workload("extproc", _SEND, "extproc", _extproc(skip=False)),
-    Workload("envoy-skip", _SKIP, "Envoy 1.40", _envoy(skip=True)),
-    Workload("envoy", _SEND, "Envoy 1.40", _envoy(skip=False)),
+TARGETS = [
+    Target("direct", "nginx alone", None),
+    Target("extproc", "extproc", _extproc("extproc")),
+    Target(
+        "extproc-pinned", "extproc --cpu-affinity", _extproc("extproc-pinned", "--cpu-affinity")
+    ),
+    Target(
+        "extproc-2w",
+        "extproc --workers 2 --cpu-affinity",
+        _extproc("extproc-2w", "--workers", "2", "--cpu-affinity"),
+    ),
+    Target("envoy", "Envoy 1.40 --concurrency 1", _envoy),
 ]
 NOTES = [
     "- CPU µs/req: utime+stime (/proc/PID/stat, all threads, whole process tree) of the target "
-    "(for `nginx` the upstream itself) during the timed runs only, divided by requests served. "
+    "(for `nginx alone`, nginx itself) during the timed runs only, divided by requests served. "
     "Processor CPU is the same for the ext_proc processor process.",
-    "- The processor is Python (grpc.aio, no-op replies): it caps at a few thousand "
-    "messages/s per core, and the header workloads send it two messages on a fresh gRPC "
-    "stream per request, so it can be the bottleneck for both proxies.",
-    "- extproc cannot turn ext_proc off; its SKIP/SKIP row stands in for 'ext_proc disabled'. "
-    "Envoy gets the same processing_mode.",
-    "- Everything (wrk -t1, nginx, processor, proxy) shares the machine's cores; no pinning.",
+    "- The processor is Python (grpc.aio, no-op replies, `bench/benchkit/processor.py`): it "
+    "caps at a few thousand messages/s per core and shares the two cores with everything else, "
+    "so it bounds req/s of the ext_proc workloads for both proxies; CPU µs/req of the proxy is "
+    "the figure to compare.",
+    "- `proxy only`: both header modes SKIP, for both proxies, so no stream is opened.",
+    "- `--cpu-affinity` pins each extproc process to one core; `--workers 2` runs two processes "
+    "on one listening socket.",
+    "- Everything (wrk -t1, nginx, processor, proxy) shares the machine's cores.",
     "- req/s, p50, p99 and CPU are medians over the repetitions; errors (wrk socket errors "
     "and non-2xx/3xx replies) are summed over them.",
 ]
+
+
+def _pick(
+    parser: argparse.ArgumentParser, flag: str, value: str, known: Sequence[str]
+) -> list[str]:
+    wanted = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(known))
+    if unknown or not wanted:
+        parser.error(f"--{flag}: unknown name(s) {unknown}; choose from {','.join(known)}")
+    return wanted
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -80,36 +134,39 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="wrk -c")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (wrk competes for CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed seconds before the runs")
-    names = ",".join(w.name for w in WORKLOADS)
-    parser.add_argument("--only", default=names, help=f"comma list out of {names}")
+    workloads = [w.name for w in WORKLOADS]
+    names = [t.name for t in TARGETS]
+    parser.add_argument("--only", default=",".join(workloads), help="workloads, comma list")
+    parser.add_argument("--targets", default=",".join(names), help="targets, comma list")
     args = parser.parse_args(argv)
-    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = sorted(set(wanted) - {w.name for w in WORKLOADS})
-    if unknown or not wanted:
-        parser.error(f"--only: unknown workload(s) {unknown}; choose from {names}")
     for flag in ("duration", "repeat", "connections", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
+    wanted = _pick(parser, "only", args.only, workloads)
     args.workloads = [w for w in WORKLOADS if w.name in wanted]
+    wanted = _pick(parser, "targets", args.targets, names)
+    args.target_list = [t for t in TARGETS if t.name in wanted]
     return args
 
 
-def _check_tools(workloads: Sequence[Workload]) -> str | None:
+def _check_tools(target_list: Sequence[Target]) -> str | None:
     """What is missing, phrased as what to run, or None."""
     missing = targets.missing_tools()
     if missing:
         return f"missing {', '.join(missing)}; install with: {targets.APT_COMMAND}"
-    if any(w.name.startswith("envoy") for w in workloads) and not targets.envoy_available():
+    if any(t.name == "envoy" for t in target_list) and not targets.envoy_available():
         return "no runnable Envoy: run `make envoy` or set EXTPROC_ENVOY_BIN"
     return None
 
 
-def _verify(proc: Proc) -> None:
+def _verify(proc: Proc, workload: Workload) -> None:
     """One request before measuring: a broken target would otherwise benchmark its errors."""
-    status, body = http_get(proc.port)
-    if status != 200 or len(body) != targets.BODY_BYTES:
+    body = b"x" * workload.body_bytes
+    status, got = http_get(proc.port, workload.path, method=workload.method, body=body)
+    if status != 200 or len(got) != workload.response_bytes:
         raise StartError(
-            f"{proc.name}: GET / answered {status} with {len(body)} bytes\n{proc.tail()}"
+            f"{proc.name}: {workload.method} {workload.path} answered {status} with "
+            f"{len(got)} bytes\n{proc.tail()}"
         )
 
 
@@ -121,19 +178,31 @@ def _running(proc: Proc) -> Iterator[Proc]:
         proc.stop()
 
 
-def _measure(
-    target: Proc, processor: Proc, nginx: Proc, args: argparse.Namespace, script: Path, label: str
-) -> list[Sample]:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one measurement needs besides the target."""
+
+    processor: Proc
+    nginx: Proc
+    args: argparse.Namespace
+    script: Path
+    workload: Workload
+
+
+def _measure(target: Proc, run: _Run, label: str) -> list[Sample]:
+    args = run.args
+
     def wrk(seconds: int) -> Sample:
-        before = read_cpu(target, processor, nginx)
+        before = read_cpu(target, run.processor, run.nginx)
         result = run_wrk(
             target.port,
             duration_s=seconds,
             connections=args.connections,
             threads=args.threads,
-            script=script,
+            script=run.script,
+            path=run.workload.path,
         )
-        return Sample(result, read_cpu(target, processor, nginx).minus(before))
+        return Sample(result, read_cpu(target, run.processor, run.nginx).minus(before))
 
     if args.warmup > 0:
         wrk(args.warmup)  # opens the proxies' upstream and processor connections, pages code in
@@ -150,35 +219,34 @@ def _measure(
     return samples
 
 
-def _bench_workload(
-    workload: Workload,
-    nginx: Proc,
-    processor: Proc,
-    work: Path,
-    args: argparse.Namespace,
-    script: Path,
-) -> Row:
-    print(f"{workload.name}: {workload.target}, {workload.label}", file=sys.stderr)
-    if workload.start is None:
-        _verify(nginx)
-        samples = _measure(nginx, processor, nginx, args, script, workload.name)
+def _bench(target: Target, run: _Run, work: Path) -> Row:
+    workload = run.workload
+    label = f"{workload.name}/{target.name}"
+    print(f"{label}: {target.label}, {workload.label}", file=sys.stderr)
+    if target.start is None:
+        _verify(run.nginx, workload)
+        samples = _measure(run.nginx, run, label)
     else:
-        with _running(workload.start(work, nginx.port, processor.port)) as target:
-            _verify(target)
-            samples = _measure(target, processor, nginx, args, script, workload.name)
-    return Row(workload.label, workload.target, samples)
+        started = target.start(work, run.nginx.port, run.processor.port, workload.mode)
+        with _running(started) as proc:
+            _verify(proc, workload)
+            samples = _measure(proc, run, label)
+    return Row(workload.label, target.label, samples)
 
 
 def _run(args: argparse.Namespace, work: Path) -> list[Row]:
-    script = write_script(work)
+    rows = []
     with (
         _running(targets.start_nginx(work)) as nginx,
         _running(targets.start_processor(work)) as processor,
     ):
-        return [
-            _bench_workload(workload, nginx, processor, work, args, script)
-            for workload in args.workloads
-        ]
+        for workload in args.workloads:
+            script = write_script(
+                work, workload.name, method=workload.method, body_bytes=workload.body_bytes
+            )
+            run = _Run(processor, nginx, args, script, workload)
+            rows += [_bench(target, run, work) for target in args.target_list]
+    return rows
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -188,7 +256,7 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str]) -> int:
     args = _parse_args(argv)
-    problem = _check_tools(args.workloads)
+    problem = _check_tools(args.target_list)
     if problem is not None:
         print(f"bench: {problem}", file=sys.stderr)
         return EXIT_MISSING
@@ -202,7 +270,8 @@ def main(argv: Sequence[str]) -> int:
             return EXIT_FAILED
     settings = [
         f"- run: wrk -t{args.threads} -c{args.connections}, {args.duration} s x {args.repeat} "
-        f"(+{args.warmup} s warm-up), GET / -> nginx 200 with a {targets.BODY_BYTES} B body",
+        f"(+{args.warmup} s warm-up); nginx answers `GET /` and `POST /` with "
+        f"{targets.BODY_BYTES} B, `GET {targets.LARGE_PATH}` with {targets.LARGE_BYTES} B",
         f"- load average at start: {load_before}",
     ]
     report = render(rows, settings, targets.tool_versions(), NOTES)

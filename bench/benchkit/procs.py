@@ -93,10 +93,12 @@ def own_cpu_seconds() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(
+    port: int, path: str = "/", timeout: float = 5.0, method: str = "GET", body: bytes = b""
+) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", path)
+        connection.request(method, path, body=body or None)
         response = connection.getresponse()
         return response.status, response.read()
     finally:

@@ -142,10 +142,32 @@ def table(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def matrix(rows: Sequence[Row], title: str, cell: str) -> list[str]:
+    """One line per workload, one column per target: the figure to compare at a glance.
+
+    ``cell`` is a Row property: "cpu_us" or "rps"."""
+    workloads = list(dict.fromkeys(row.workload for row in rows))
+    targets = list(dict.fromkeys(row.target for row in rows))
+    values = {(row.workload, row.target): getattr(row, cell) for row in rows}
+    lines = [
+        f"| {title} | " + " | ".join(targets) + " |",
+        "|---|" + "---:|" * len(targets),
+    ]
+    for workload in workloads:
+        cells = [
+            f"{values[workload, target]:,.0f}" if (workload, target) in values else "-"
+            for target in targets
+        ]
+        lines.append(f"| {workload} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(
     rows: Sequence[Row], settings: list[str], tools: dict[str, str], notes: list[str]
 ) -> str:
     parts = ["# extproc benchmark", "", *machine_lines(tools), *settings, ""]
+    parts += matrix(rows, "CPU µs per request", "cpu_us") + [""]
+    parts += matrix(rows, "req/s", "rps") + [""]
     parts += table(rows)
     parts += ["", quietness_note(rows), *notes, ""]
     return "\n".join(parts)

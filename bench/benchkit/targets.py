@@ -28,6 +28,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.support.envoy import build_bootstrap, envoy_binary  # noqa: E402
 
 BODY_BYTES = 1024
+# The large response (`GET /64k`), served from a file nginx writes straight from the page cache.
+LARGE_PATH = "/64k"
+LARGE_BYTES = 64 * 1024
 
 
 def nginx_binary() -> str | None:
@@ -84,6 +87,10 @@ http {{
             default_type text/plain;
             return 200 "{"x" * BODY_BYTES}";
         }}
+        location = {LARGE_PATH} {{
+            default_type text/plain;
+            alias {workdir}/large.txt;
+        }}
     }}
 }}
 """
@@ -95,6 +102,7 @@ def start_nginx(workdir: Path) -> Proc:
     port = free_port()
     config = workdir / "nginx.conf"
     config.write_text(nginx_config(workdir, port))
+    (workdir / "large.txt").write_bytes(b"x" * LARGE_BYTES)
     # -e: nginx opens its error log before reading the config; keep even that one in workdir.
     command = [binary, "-p", str(workdir), "-c", str(config), "-e", str(workdir / "nginx.err")]
     proc = Proc("nginx", command, port, workdir / "nginx.out", _child_env())
@@ -127,12 +135,15 @@ def start_extproc(
     upstream: int,
     processor: int,
     *,
-    skip: bool,
+    mode: dict[str, str],
     extra_args: Sequence[str] = (),
-    name: str | None = None,
+    name: str = "extproc",
 ) -> Proc:
-    """extproc as `make bench` runs it; `extra_args` adds flags (e.g. body modes)."""
+    """extproc with the filter config Envoy gets (`processing_mode` = ``mode``) as `--config`;
+    `extra_args` adds flags (workers, pinning, ...)."""
     port = free_port()
+    config = workdir / f"{name}-filter.json"
+    config.write_text(json.dumps({"processing_mode": mode}))
     command = [
         str(EXTPROC_BIN),
         "--listen",
@@ -141,29 +152,26 @@ def start_extproc(
         f"127.0.0.1:{upstream}",
         "--processor",
         f"127.0.0.1:{processor}",
+        "--config",
+        str(config),
         "--log-level",
         "warning",
         # Envoy's HCM leaves X-Forwarded-For alone unless use_remote_address; match it.
         "--no-xff",
+        *extra_args,
     ]
-    if skip:
-        command += ["--request-header-mode", "skip", "--response-header-mode", "skip"]
-    command += extra_args
-    name = name or ("extproc-skip" if skip else "extproc")
     proc = Proc(name, command, port, workdir / f"{name}.log", _child_env())
     proc.wait_listening()
     return proc
 
 
-def envoy_bootstrap(port: int, upstream: int, processor: int, *, skip: bool) -> dict[str, Any]:
-    ext_proc: dict[str, Any] = {}
-    if skip:
-        ext_proc["processing_mode"] = {
-            "request_header_mode": "SKIP",
-            "response_header_mode": "SKIP",
-        }
+def envoy_bootstrap(
+    port: int, upstream: int, processor: int, *, mode: dict[str, str]
+) -> dict[str, Any]:
     bootstrap = build_bootstrap(
-        upstream=("127.0.0.1", upstream), processor=("127.0.0.1", processor), ext_proc=ext_proc
+        upstream=("127.0.0.1", upstream),
+        processor=("127.0.0.1", processor),
+        ext_proc={"processing_mode": mode},
     )
     # build_bootstrap asks for port 0; a fixed port spares us the admin-API lookup.
     listener = bootstrap["static_resources"]["listeners"][0]
@@ -171,14 +179,15 @@ def envoy_bootstrap(port: int, upstream: int, processor: int, *, skip: bool) -> 
     return bootstrap
 
 
-def start_envoy(workdir: Path, upstream: int, processor: int, *, skip: bool) -> Proc:
+def start_envoy(
+    workdir: Path, upstream: int, processor: int, *, mode: dict[str, str], name: str = "envoy"
+) -> Proc:
     binary = envoy_binary()
     if binary is None:
         raise RuntimeError("no runnable Envoy: set EXTPROC_ENVOY_BIN or run `make envoy`")
     port = free_port()
-    name = "envoy-skip" if skip else "envoy"
     config = workdir / f"{name}.json"
-    config.write_text(json.dumps(envoy_bootstrap(port, upstream, processor, skip=skip)))
+    config.write_text(json.dumps(envoy_bootstrap(port, upstream, processor, mode=mode)))
     command = [
         binary,
         "--config-path",

@@ -44,14 +44,29 @@ class WrkResult:
         return self.requests / self.duration_s if self.duration_s > 0 else 0.0
 
 
-def write_script(workdir: Path) -> Path:
-    path = workdir / "report.lua"
-    path.write_text(_SCRIPT)
+def write_script(
+    workdir: Path, name: str = "report", method: str = "GET", body_bytes: int = 0
+) -> Path:
+    """The wrk script: the `done` hook, and the request to send when it is not a bare GET."""
+    request = ""
+    if method != "GET":
+        request += f'wrk.method = "{method}"\n'
+    if body_bytes:
+        request += f'wrk.body = string.rep("x", {body_bytes})\n'
+        request += 'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+    path = workdir / f"{name}.lua"
+    path.write_text(request + _SCRIPT)
     return path
 
 
 def run_wrk(
-    port: int, *, duration_s: int, connections: int, threads: int, script: Path
+    port: int,
+    *,
+    duration_s: int,
+    connections: int,
+    threads: int,
+    script: Path,
+    path: str = "/",
 ) -> WrkResult:
     command = [
         "wrk",
@@ -62,7 +77,7 @@ def run_wrk(
         REQUEST_TIMEOUT,
         "-s",
         str(script),
-        f"http://127.0.0.1:{port}/",
+        f"http://127.0.0.1:{port}{path}",
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=duration_s + _PROCESS_SLACK_S, check=False

@@ -92,7 +92,7 @@ class Http1Connection:
         return bool(poller.poll(timeout * 1000))
 
     def send(self, event: Any, timeout: float) -> None:
-        pieces = self.h11.send_with_data_passthrough(event)
+        pieces = self.h11.send_with_data_passthrough(event) or []
         if self._held:
             pieces = self._held + pieces
             self._held = []
@@ -103,7 +103,7 @@ class Http1Connection:
     def hold(self, event: Any) -> None:
         """Serialise ``event`` now but write it with the next :meth:`send`: one syscall for
         a head and the body right behind it. Only for a send that follows without a wait."""
-        self._held += self.h11.send_with_data_passthrough(event)
+        self._held += self.h11.send_with_data_passthrough(event) or []
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
