@@ -550,6 +550,9 @@ class _RequestRun:
             duration_ms=round((time.monotonic() - self.stats.start) * 1000, 3),
             upstream_ms=round(self.stats.upstream * 1000, 3),
             processor_ms=round(self.session.processor_time * 1000, 3),
+            processor_phases_ms={
+                phase: round(t * 1000, 3) for phase, t in self.session.phase_times.items()
+            },
             details=outcome.details,
             failed_open=outcome.failed_open,
             **self._metadata_fields(),

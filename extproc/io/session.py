@@ -31,7 +31,15 @@ UNTIMED_WAIT = 300.0
 class ProcessorSession:
     """Feeds one exchange and carries out its processor-side actions."""
 
-    __slots__ = ("exchange", "_client", "_forward", "stream", "deadline", "processor_time")
+    __slots__ = (
+        "exchange",
+        "_client",
+        "_forward",
+        "stream",
+        "deadline",
+        "processor_time",
+        "phase_times",
+    )
 
     def __init__(
         self,
@@ -45,6 +53,10 @@ class ProcessorSession:
         self.stream: ProcessorStream | None = None
         self.deadline: float | None = None  # when the oldest unanswered message times out
         self.processor_time = 0.0
+        # Time waited for replies, by the ProcessingResponse field that ended the wait
+        # ("request_headers", ...; "message_timeout" and "stream_end" otherwise): the access
+        # log's per-phase durations.
+        self.phase_times: dict[str, float] = {}
 
     def feed(self, event: Event) -> None:
         for action in self.exchange.handle(event):
@@ -72,14 +84,22 @@ class ProcessorSession:
         assert self.stream is not None
         started = time.monotonic()
         reply: Event
+        phase = "stream_end"
         try:
             response = self.stream.recv(timeout)
-            reply = ProcessorClosed(0) if response is None else ProcessorReplied(response)
+            if response is None:
+                reply = ProcessorClosed(0)
+            else:
+                reply = ProcessorReplied(response)
+                phase = response.WhichOneof("response") or "empty"
         except ProcessorTimeout:
             reply = MessageTimedOut()
+            phase = "message_timeout"
         except ProcessorStreamError as err:
             reply = ProcessorClosed(err.code, err.details)
-        self.processor_time += time.monotonic() - started
+        waited = time.monotonic() - started
+        self.processor_time += waited
+        self.phase_times[phase] = self.phase_times.get(phase, 0.0) + waited
         self.feed(reply)
         if not self.exchange.timer_running:
             self.deadline = None

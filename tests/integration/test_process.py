@@ -301,3 +301,8 @@ def test_access_log_has_one_json_event_per_request_with_dynamic_metadata(
     assert (entry["method"], entry["path"], entry["status"]) == ("GET", "/who?x=1", 200)
     assert entry["dynamic_metadata"] == {"ns": {"user": "alice"}}
     assert entry["request_id"] and entry["upstream_ms"] >= 0 and entry["processor_ms"] >= 0
+    # Request and response headers each waited for their reply: one duration per phase.
+    phases = entry["processor_phases_ms"]
+    assert sorted(phases) == ["request_headers", "response_headers"]
+    assert all(ms >= 0 for ms in phases.values())
+    assert sum(phases.values()) == pytest.approx(entry["processor_ms"], abs=0.01)
