@@ -212,7 +212,7 @@ class Stats:
         self.worker_restarts = self._counter(
             "server_worker_restarts",
             "server.worker_restarts",
-            "Worker processes replaced after they died (--workers)",
+            "Worker processes that died while serving, each replaced (--workers)",
         )
         # What the renderers read: this registry, or the workers' sum (sum_workers).
         self._view: CollectorRegistry = self.registry

@@ -198,8 +198,18 @@ class Supervisor:
     # Workers ------------------------------------------------------------------------------
 
     def _spawn(self, index: int) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as err:
+            self._spawn_failed(index, err)
+            return
+        try:
+            pid = os.fork()
+        except OSError as err:
+            ours.close()
+            theirs.close()
+            self._spawn_failed(index, err)
+            return
         if pid == 0:
             ours.close()
             code = 1
@@ -214,6 +224,13 @@ class Supervisor:
         self._workers[pid] = worker
         self._selector.register(ours, selectors.EVENT_READ, worker)
         log.info("worker_started", index=index, pid=pid)
+
+    def _spawn_failed(self, index: int, err: OSError) -> None:
+        """Out of processes or descriptors: try again later, as for a worker that died young."""
+        failures = self._failures[index] = self._failures[index] + 1
+        delay = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (failures - 1))
+        self._respawn_at[index] = time.monotonic() + delay
+        log.error("worker_fork_failed", index=index, error=str(err), retry_in=delay)
 
     def _worker_main(self, index: int, control: socket.socket) -> int:
         """In the forked child: drop what is the supervisor's, then serve until told to stop."""
@@ -304,6 +321,7 @@ class Supervisor:
         self._failures[worker.index] = failures
         delay = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (failures - 1)) if failures else 0.0
         self._respawn_at[worker.index] = time.monotonic() + delay
+        self.stats.worker_restarts.inc()
         log.warning("worker_died", index=worker.index, pid=worker.pid, restart_in=delay, **how)
 
     def _respawn_due(self) -> None:
@@ -311,7 +329,6 @@ class Supervisor:
         for index, when in sorted(self._respawn_at.items()):
             if when <= now:
                 del self._respawn_at[index]
-                self.stats.worker_restarts.inc()
                 self._spawn(index)
 
     def _kill_all(self, signum: int) -> None:

@@ -218,6 +218,30 @@ def test_reload_reaches_every_worker_and_notify_speaks_for_all(
     assert stats["server.reloads"] == 1 and stats["server.reload_failures"] == 1
 
 
+def test_workers_stop_when_the_supervisor_dies(
+    upstream: EchoUpstream, processor: ScriptedProcessor
+) -> None:
+    with start(upstream, processor, "--workers", "2") as proxy:
+        proxy.wait_event("workers_ready")
+        workers = list(worker_pids(proxy).values())
+        proxy.signal(signal.SIGKILL)
+        assert proxy.wait() == -signal.SIGKILL
+        # Each sees the end of its channel to the supervisor and drains.
+        assert len(proxy.events("supervisor_gone")) == 2
+        assert len(proxy.events("stopped")) == 2
+    for pid in workers:
+        assert _gone(pid)
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie left for whoever adopted it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def _allowed_cpus(pid: int) -> set[int]:
     return os.sched_getaffinity(pid)
 
