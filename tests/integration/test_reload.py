@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from extproc.config import Overrides, ProxyConfig, build_config
 from extproc.demo.upstream import EchoUpstream
+from extproc.io.processor import ProcessorClient
+from extproc.io.server import ProxyServer
 from tests.support.opsload import Load, Recorder, admin_stats
 from tests.support.processor import ScriptedProcessor
 from tests.support.proxy import Reply, request
@@ -182,3 +186,66 @@ def test_reload_to_another_processor(tmp_path: Path, upstream: EchoUpstream) -> 
     assert held["r"].status == 200
     assert [p for p, _ in first.streams] == [b"/hold"]
     assert [p for p, _ in second.streams] == [b"/two"]
+
+
+def _closed(client: ProcessorClient) -> bool:
+    """Whether the client's channel is closed: gRPC refuses new calls on a closed channel."""
+    try:
+        call = client.start_call(iter(()))
+    except ValueError:
+        return True
+    call.cancel()
+    return False
+
+
+def test_old_channel_is_closed_once_its_last_request_ends(upstream: EchoUpstream) -> None:
+    """In process, to look at the channels: a reload to another processor keeps the old
+    channel for the request still on it, and closes it when that request is done."""
+    first, second = Recorder(), Recorder()
+    held: dict[str, Reply] = {}
+    with ScriptedProcessor(first) as one, ScriptedProcessor(second) as two:
+        target = {"processor": one.address}
+        host, port = upstream.address
+
+        def load() -> ProxyConfig:
+            flags = Overrides(
+                listen="127.0.0.1:0",
+                upstream=f"{host}:{port}",
+                processor=target["processor"],
+                message_timeout="30s",
+            )
+            return build_config(None, flags)
+
+        reloaded = threading.Event()
+        states: list[str] = []
+
+        def notify(state: str) -> None:
+            states.append(state)
+            if state == "READY=1" and len(states) > 1:
+                reloaded.set()
+
+        server = ProxyServer(load(), load_config=load, notify=notify).start()
+        try:
+            (old,) = server.processors.values()
+            holder = threading.Thread(
+                target=lambda: held.update(r=request(server.address, "GET", "/hold"))
+            )
+            holder.start()
+            first.wait_held(1)
+            target["processor"] = two.address
+            server.queue_signal(signal.SIGHUP)
+            assert reloaded.wait(30)
+            assert request(server.address, "GET", "/two").status == 200
+            assert not _closed(old)  # the held request still uses it
+            first.release.set()
+            holder.join(30)
+            deadline = time.monotonic() + 30
+            while not _closed(old) and time.monotonic() < deadline:
+                threading.Event().wait(0.01)
+            assert _closed(old)
+        finally:
+            first.release.set()
+            server.stop()
+    assert held["r"].status == 200
+    assert states[1].startswith("RELOADING=1\nMONOTONIC_USEC=")
+    assert server.stats.snapshot()["server.reloads"] == 1

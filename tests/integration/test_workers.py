@@ -181,7 +181,7 @@ def test_reload_reaches_every_worker_and_notify_speaks_for_all(
             start(upstream, processor, "--workers", "2", "--config", str(config), env=env) as proxy,
         ):
             assert notify.next() == "READY=1"
-            assert len(proxy.events("listening")) == 2  # READY=1 once both workers accept
+            proxy.wait_event("listening", count=2)
             assert notify.wait_for("^WATCHDOG=1$")
             address = ("127.0.0.1", proxy.port())
             first, second = worker_pids(proxy).values()
@@ -189,8 +189,7 @@ def test_reload_reaches_every_worker_and_notify_speaks_for_all(
             proxy.signal(signal.SIGHUP)
             assert notify.wait_for("^RELOADING=1\nMONOTONIC_USEC=[0-9]+$")
             assert notify.wait_for("^READY=1$")
-            # READY=1 comes once both workers have reloaded.
-            assert len(proxy.events("reloaded")) == 2
+            proxy.wait_event("reloaded", count=2)
             for pid in (first, second):
                 os.kill(pid, signal.SIGSTOP)
                 try:
@@ -242,8 +241,15 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _allowed_cpus(pid: int) -> set[int]:
-    return os.sched_getaffinity(pid)
+def _thread_masks(pid: int) -> list[set[int]]:
+    """The CPU mask of every thread of ``pid`` (one that just ended is skipped)."""
+    masks = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            masks.append(os.sched_getaffinity(int(tid)))
+        except ProcessLookupError:
+            continue
+    return masks
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -258,10 +264,7 @@ def test_cpu_affinity_pins_each_worker(
         pinned = proxy.events("cpu_pinned")
         pids = list(worker_pids(proxy).values()) if workers > 1 else [proxy.pid]
         # Every thread of each worker, those started after pinning included.
-        threads = {
-            pid: [_allowed_cpus(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
-            for pid in pids
-        }
+        threads = {pid: _thread_masks(pid) for pid in pids}
         proxy.signal(signal.SIGTERM)
         assert proxy.wait() == 0
     assert sorted(int(e["cpu"]) for e in pinned) == sorted(
