@@ -18,6 +18,7 @@ tells systemd (or, in a worker, the supervisor) READY, RELOADING, STOPPING and W
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import queue
 import selectors
 import signal
@@ -131,7 +132,14 @@ class ProxyServer:
         self.processors = _clients(config, {})
         self.handler = ConnectionHandler(config, self.pool, self.processors, self.stats)
         self._listener.setblocking(False)
-        self._executor = ThreadPoolExecutor(config.threads, thread_name_prefix="extproc-worker")
+        # Worker threads log with the context of the thread that built the server (a worker
+        # process's index): a new thread starts with an empty one.
+        self._executor = ThreadPoolExecutor(
+            config.threads,
+            thread_name_prefix="extproc-worker",
+            initializer=_adopt_context,
+            initargs=(contextvars.copy_context(),),
+        )
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -433,6 +441,11 @@ def install_signals(queue_signal: Callable[[int], None], *more: signal.Signals) 
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *more):
         signal.signal(signum, handler)
+
+
+def _adopt_context(context: contextvars.Context) -> None:
+    for var, value in context.items():
+        var.set(value)
 
 
 def _clients(

@@ -243,8 +243,10 @@ class Supervisor:
             other.control.close()
         if self.admin is not None:
             self.admin.close_inherited()
+        # Every line the worker logs says which worker it is.
+        structlog.contextvars.bind_contextvars(worker=index)
         if self._cpu_affinity:
-            log.info("cpu_pinned", index=index, cpu=pin_to_cpu(index))
+            log.info("cpu_pinned", cpu=pin_to_cpu(index))
         load = self._load_config
 
         def load_for_worker() -> ProxyConfig:

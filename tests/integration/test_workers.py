@@ -72,6 +72,8 @@ def test_stats_are_the_sum_across_workers(
         proxy.signal(signal.SIGTERM)
         assert proxy.wait() == 0
     assert one == [200] * 3 and two == [200] * 5
+    # Worker lines say which worker wrote them.
+    assert sorted(e["worker"] for e in proxy.events("request")) == [0] * 3 + [1] * 5
     assert stats["http.ingress.downstream_rq_total"] == 8
     assert stats["http.ingress.downstream_rq_2xx"] == 8
     assert stats["http.ingress.ext_proc.streams_started"] == 8
