@@ -293,6 +293,11 @@ class ProxyServer:
             self.stats.reload_failures.inc()
             log.error("reload_failed", field=err.option, reason=err.message)
             return False
+        except Exception as err:
+            # A reload must never take the serving process down with it.
+            self.stats.reload_failures.inc()
+            log.exception("reload_failed", field=None, reason=repr(err))
+            return False
         else:
             self.stats.reloads.inc()
             log.info("reloaded", processor=self.config.processor.target)

@@ -355,6 +355,12 @@ class Supervisor:
             log.error("reload_failed", field=err.option, reason=err.message)
             self._notify("READY=1")
             return
+        except Exception as err:
+            # A reload must never take the supervisor down with it.
+            self.stats.reload_failures.inc()
+            log.exception("reload_failed", field=None, reason=repr(err))
+            self._notify("READY=1")
+            return
         self.stats.reloads.inc()
         log.info("reloading_workers", workers=len(self._workers))
         self._reloading = True
