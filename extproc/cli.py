@@ -6,14 +6,13 @@ Exit codes: 0 after a clean stop, 2 for a configuration error, 3 when the server
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
+import structlog
 
 from extproc import logs
 from extproc._version import __version__
@@ -262,24 +261,69 @@ def _fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def _serve(config: ProxyConfig, announce: Callable[[tuple[str, int]], None] | None = None) -> None:
-    from extproc.io.server import ProxyServer
+def _serve(
+    config: ProxyConfig,
+    announce: Callable[[tuple[str, int]], None] | None = None,
+    *,
+    load_config: Callable[[], ProxyConfig] | None = None,
+    workers: int = 1,
+    cpu_affinity: bool = False,
+) -> None:
+    from extproc.io.server import ProxyServer, install_signals, open_listener
+    from extproc.io.workers import Supervisor, pin_to_cpu
 
+    if workers > 1:
+        try:
+            listener = open_listener(config.listen)
+        except OSError as err:
+            _fail(EXIT_STARTUP, f"cannot listen on {err.filename or config.listen}: {err.strerror}")
+            return
+        try:
+            supervisor = Supervisor(
+                config, listener, workers, load_config=load_config, cpu_affinity=cpu_affinity
+            )
+        except OSError as err:
+            listener.close()
+            _fail(EXIT_STARTUP, f"cannot listen on {err.filename}: {err.strerror}")
+            return
+        supervisor.run()
+        return
+    if cpu_affinity:
+        # Before any thread starts: threads inherit the mask of the thread that starts them.
+        structlog.get_logger("extproc.server").info("cpu_pinned", cpu=pin_to_cpu(0))
     try:
-        server = ProxyServer(config)
+        server = ProxyServer(config, load_config=load_config)
     except OSError as err:
         # The admin listener's address comes as the error's filename (see ProxyServer).
         _fail(EXIT_STARTUP, f"cannot listen on {err.filename or config.listen}: {err.strerror}")
         return
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        server.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    install_signals(server.queue_signal)
     if announce is not None:
         announce(server.address)
     server.serve_forever()
+
+
+def _socket_activation(listen: str | None) -> str | None:
+    """``--listen`` as the proxy should use it: ``fd://N`` for the socket systemd passed,
+    unless ``--listen fd://N`` names one itself."""
+    from extproc.io import systemd
+
+    try:
+        fds = systemd.listen_fds()
+    except OSError as err:
+        raise _StartupError(f"cannot take the sockets systemd passed: {err.strerror}") from err
+    if not fds or (listen is not None and listen.startswith("fd://")):
+        return listen
+    if len(fds) > 1:
+        raise _StartupError(
+            f"systemd passed {len(fds)} sockets (LISTEN_FDS); extproc serves one: give the"
+            " .socket unit a single ListenStream="
+        )
+    return f"fd://{fds[0]}"
+
+
+class _StartupError(Exception):
+    pass
 
 
 @click.group(cls=_RunByDefault, context_settings={"help_option_names": ["-h", "--help"]})
@@ -315,23 +359,53 @@ def main() -> None:
     metavar="NAME=HOST:PORT",
     help="Resolve grpc_service.envoy_grpc.cluster_name NAME (repeatable).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the listening socket, under a supervisor that replaces"
+    " any that die (1: one process, no supervisor).",
+)
+@click.option(
+    "--cpu-affinity",
+    is_flag=True,
+    default=False,
+    help="Pin worker i to CPU i mod the CPUs allowed (with --workers 1, the one process).",
+)
 @_proxy_options
 def run(
     listen: str | None,
     upstream: str | None,
     processor: str | None,
     config_path: Path | None,
+    workers: int,
+    cpu_affinity: bool,
     **kw: Any,
 ) -> None:
     """Run the proxy (the default command)."""
     try:
-        flags = _overrides(kw, listen=listen, upstream=upstream, processor=processor)
+        activated = _socket_activation(listen)
+    except _StartupError as err:
+        _fail(EXIT_STARTUP, str(err))
+        return
+    try:
+        flags = _overrides(kw, listen=activated, upstream=upstream, processor=processor)
         config = build_config(load_file(config_path) if config_path else None, flags)
     except ConfigError as err:
         _fail(EXIT_CONFIG, str(err))
         return
     logs.configure(kw["log_format"], kw["log_level"])
-    _serve(config)
+    if activated != listen:
+        structlog.get_logger("extproc.server").info(
+            "socket_activated", listen=activated, ignored_listen=listen
+        )
+
+    def load_config() -> ProxyConfig:
+        """SIGHUP: the file read again, the same flags over it."""
+        return build_config(load_file(config_path) if config_path else None, flags)
+
+    _serve(config, load_config=load_config, workers=workers, cpu_affinity=cpu_affinity)
 
 
 @main.command()

@@ -47,6 +47,17 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class InheritedSocket:
+    """A listening socket this process was handed open (``--listen fd://N``, systemd's
+    LISTEN_FDS) rather than one it binds."""
+
+    fd: int
+
+    def __str__(self) -> str:
+        return f"fd://{self.fd}"
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     host: str
     port: int
@@ -88,7 +99,7 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    listen: Address
+    listen: Address | InheritedSocket
     upstream: UpstreamSettings
     processor: ProcessorSettings
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
@@ -119,6 +130,16 @@ def parse_address(value: str, option: str, default_host: str = "0.0.0.0") -> Add
     if not match or not 0 <= int(match["port"]) <= 65535:
         raise ConfigError(option, f"expected HOST:PORT, :PORT or [V6]:PORT, got {value!r}")
     return Address(match["v6"] or match["host"] or default_host, int(match["port"]))
+
+
+def parse_listen(value: str, option: str) -> Address | InheritedSocket:
+    """:func:`parse_address`'s forms, or ``fd://N``: serve on inherited descriptor N."""
+    if value.startswith("fd://"):
+        fd = value[len("fd://") :]
+        if not fd.isdigit():
+            raise ConfigError(option, f"expected fd://N with N a descriptor number, got {value!r}")
+        return InheritedSocket(int(fd))
+    return parse_address(value, option)
 
 
 def parse_duration(value: str, option: str) -> float:
@@ -495,7 +516,7 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
             )
         )
     return ProxyConfig(
-        listen=parse_address(listen, "--listen"),
+        listen=parse_listen(listen, "--listen"),
         upstream=UpstreamSettings(
             upstream_address.host,
             upstream_address.port,
@@ -511,3 +532,23 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
         stat_prefix=message.stat_prefix,
         routes=tuple(routes),
     )
+
+
+# What a running proxy has bound or sized at start; a reload that changes one is refused.
+_FIXED_AT_START = (
+    ("listen", "listen"),
+    ("admin", "--admin"),
+    ("threads", "--threads"),
+    ("stat_prefix", "ext_proc.stat_prefix"),
+)
+
+
+def check_reloadable(running: ProxyConfig, new: ProxyConfig) -> None:
+    """Refuse, naming the field, a new configuration that only a restart could apply."""
+    for attribute, where in _FIXED_AT_START:
+        if getattr(running, attribute) != getattr(new, attribute):
+            raise ConfigError(
+                where,
+                f"cannot change on reload ({getattr(running, attribute)!s} ->"
+                f" {getattr(new, attribute)!s}); restart extproc to apply it",
+            )

@@ -12,11 +12,16 @@ prefix is always ``ingress``; the one upstream is Envoy cluster ``upstream``::
     http.ingress.ext_proc.foo.streams_started   stat_prefix "foo"
     http.ingress.downstream_rq_2xx              ... and the other proxy stats below
     cluster.upstream.upstream_rq_time           histograms in milliseconds, as Envoy's
+    server.reloads                              extproc's own process stats (no Envoy twin)
 
 ``/metrics`` shows the same values under ``extproc_`` names. As Envoy's own Prometheus output
 does with tags, what varies inside an Envoy name becomes a label (``stat_prefix``,
 ``response_code_class``); prometheus-client adds ``_total`` to counters, and times are in
 seconds there.
+
+Workers. With ``--workers N`` each worker process counts in a registry of its own and the
+supervisor serves the admin listener: :meth:`Stats.sum_workers` makes it show the sum of the
+workers' request stats (fetched as Prometheus text when asked) beside its own ``server.*``.
 
 Cost. A request ends in one :func:`record_exchange`: a handful of increments on metric
 children bound when the registry is built (no label lookups), and none for counters that did
@@ -28,17 +33,22 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from extproc.core.exchange import Outcome
 
 HCM_STAT_PREFIX = "ingress"
+# The process's own stats: the supervisor's when there are workers, never summed.
+_SERVER = "extproc_server_"
 UPSTREAM_CLUSTER = "upstream"
 # Envoy's default histogram buckets (milliseconds), in seconds for Prometheus.
 # fmt: off
@@ -191,6 +201,21 @@ class Stats:
             "Time each request waited for the processor",
             prefix_label,
         )
+        self.reloads = self._counter(
+            "server_reloads", "server.reloads", "Configuration reloads applied (SIGHUP)"
+        )
+        self.reload_failures = self._counter(
+            "server_reload_failures",
+            "server.reload_failures",
+            "Configuration reloads refused; the running configuration was kept",
+        )
+        self.worker_restarts = self._counter(
+            "server_worker_restarts",
+            "server.worker_restarts",
+            "Worker processes that died while serving, each replaced (--workers)",
+        )
+        # What the renderers read: this registry, or the workers' sum (sum_workers).
+        self._view: CollectorRegistry = self.registry
 
     # Building -----------------------------------------------------------------------------
 
@@ -238,6 +263,16 @@ class Stats:
             self._rq_class[status // 100 - 1].inc()
 
     # Reading ------------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """This registry alone as Prometheus text: what a worker hands its supervisor."""
+        return generate_latest(self.registry)
+
+    def sum_workers(self, collect: Callable[[], Iterable[str]]) -> None:
+        """From now on, show the request stats as the sum of what ``collect`` returns (one
+        :meth:`exposition` per worker) and the ``server.*`` stats from this registry."""
+        self._view = CollectorRegistry(auto_describe=False)
+        self._view.register(_WorkerSum(self.registry, collect))
 
     def snapshot(self) -> dict[str, float]:
         """Every counter and gauge by its Envoy name, plus ``<histogram>.count`` and
@@ -288,13 +323,13 @@ class Stats:
     def render_prometheus(self, accept: str = "") -> tuple[bytes, str]:
         """Prometheus text (OpenMetrics when ``accept`` asks for it) and its content type."""
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        return encoder(self._view), content_type
 
     def _read(self) -> tuple[dict[str, float], dict[str, _HistogramValues]]:
         """The registry's current values by Envoy name: counters and gauges, histograms."""
         scalars: dict[str, float] = {}
         histograms: dict[str, _HistogramValues] = {}
-        for family in self.registry.collect():
+        for family in self._view.collect():
             for sample in family.samples:
                 labels = dict(sample.labels)
                 if family.type == "histogram":
@@ -310,6 +345,40 @@ class Stats:
                 elif (name := self._envoy_names.get((sample.name, _key(labels)))) is not None:
                     scalars[name] = sample.value  # not the _created samples
         return scalars, histograms
+
+
+class _WorkerSum(Collector):
+    """Counters, gauges and histogram buckets added up across workers, sample by sample;
+    ``_created`` is the earliest. The server stats come from the supervisor's registry."""
+
+    def __init__(self, own: CollectorRegistry, collect: Callable[[], Iterable[str]]) -> None:
+        self._own = own
+        self._collect = collect
+
+    def collect(self) -> Iterator[Metric]:
+        yield from (f for f in self._own.collect() if f.name.startswith(_SERVER))
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for text in self._collect():
+            for family in text_string_to_metric_families(text):
+                if family.name.startswith(_SERVER):
+                    continue
+                families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                summed = values.setdefault(family.name, {})
+                for sample in family.samples:
+                    key = (sample.name, _key(sample.labels))
+                    if key not in summed:
+                        summed[key] = sample.value
+                    elif sample.name.endswith("_created"):
+                        summed[key] = min(summed[key], sample.value)
+                    else:
+                        summed[key] += sample.value
+        for name, metric in families.items():
+            for (sample_name, labels), value in values[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric
 
 
 def _key(labels: dict[str, str] | None) -> tuple[tuple[str, str], ...]:

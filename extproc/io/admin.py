@@ -71,6 +71,11 @@ class AdminServer:
         log.info("admin_listening", address=f"{host}:{port}")
         return self
 
+    def close_inherited(self) -> None:
+        """In a forked child: close its copy of the listening socket, which the parent keeps
+        serving (the parent's thread is not in the child, so there is nothing to stop)."""
+        self._server.socket.close()
+
     def stop(self) -> None:
         """Stop serving, close the socket, join every thread. Idempotent; also releases a
         listener that was never started."""

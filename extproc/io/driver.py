@@ -92,8 +92,33 @@ def _host_port(address: Any) -> tuple[str, int]:
     return "", 0
 
 
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One configuration with what serves it: a request runs wholly on the generation that was
+    current when it started, so a reload never changes a request midway."""
+
+    config: ProxyConfig
+    pool: UpstreamPool
+    processors: Mapping[ProcessorSettings, ProcessorClient]
+    ingress: wire.IngressOptions
+
+    @classmethod
+    def build(
+        cls,
+        config: ProxyConfig,
+        pool: UpstreamPool,
+        processors: Mapping[ProcessorSettings, ProcessorClient],
+    ) -> Generation:
+        ingress = wire.IngressOptions(
+            forwarded_for=config.forwarded_for,
+            default_authority=f"{config.upstream.host}:{config.upstream.port}".encode(),
+        )
+        return cls(config, pool, processors, ingress)
+
+
 class ConnectionHandler:
-    """Shared by all workers of one proxy: the config, the upstream pool, the processor."""
+    """Shared by all workers of one proxy: the current generation (config, upstream pool,
+    processors) and the stats."""
 
     def __init__(
         self,
@@ -102,15 +127,18 @@ class ConnectionHandler:
         processors: Mapping[ProcessorSettings, ProcessorClient],
         stats: Stats | None = None,
     ):
-        self.config = config
+        # Replaced whole by swap(); reading the attribute is atomic, so no lock is needed.
+        self.current = Generation.build(config, pool, processors)
         self.stats = stats if stats is not None else Stats(config.stat_prefix)
-        self.pool = pool
-        self.processors = processors
         self.draining = threading.Event()
-        self.ingress = wire.IngressOptions(
-            forwarded_for=config.forwarded_for,
-            default_authority=f"{config.upstream.host}:{config.upstream.port}".encode(),
-        )
+
+    @property
+    def config(self) -> ProxyConfig:
+        return self.current.config
+
+    def swap(self, generation: Generation) -> None:
+        """Requests that start from now on use ``generation``."""
+        self.current = generation
 
     def serve(self, down: Downstream, may_linger: Callable[[], bool] = lambda: False) -> bool:
         """Serve requests while they come; True to park the connection for keep-alive.
@@ -208,12 +236,13 @@ class _RequestRun:
 
     def __init__(self, handler: ConnectionHandler, down: Downstream, request: h11.Request):
         self.h = handler
-        self.timeouts = handler.config.timeouts
+        self.gen = gen = handler.current
+        self.timeouts = gen.config.timeouts
         self.down = down
         self.request = request
-        upstream = handler.config.upstream
-        settings, processor = handler.config.for_path(request.target)
-        self.processor = handler.processors[processor]
+        upstream = gen.config.upstream
+        settings, processor = gen.config.for_path(request.target)
+        self.processor = gen.processors[processor]
         self.exchange = Exchange(
             settings,
             attributes.Connection(
@@ -243,7 +272,7 @@ class _RequestRun:
         req = self.request
         has_body, _ = wire.request_body_framing(req.headers)
         headers = wire.request_from_wire(
-            req.method, req.target, req.headers, self.down.peer_ip, self.h.ingress
+            req.method, req.target, req.headers, self.down.peer_ip, self.gen.ingress
         )
         self.request_id = headers.get(b"x-request-id") or b""
         if not has_body:
@@ -342,7 +371,7 @@ class _RequestRun:
         self.method = method
         self.upstream_request = h11.Request(method=method, target=target, headers=wire_headers)
         try:
-            self.upstream, self.upstream_reused = self.h.pool.acquire()
+            self.upstream, self.upstream_reused = self.gen.pool.acquire()
         except UpstreamConnectError:
             self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection failure")
             return
@@ -418,7 +447,7 @@ class _RequestRun:
         ):
             return False
         try:
-            self.upstream, self.upstream_reused = self.h.pool.acquire()
+            self.upstream, self.upstream_reused = self.gen.pool.acquire()
             self.upstream.send(request, self.timeouts.upstream)
             self.upstream.send(h11.EndOfMessage(), self.timeouts.upstream)
         except (UpstreamConnectError, OSError):
@@ -536,7 +565,7 @@ class _RequestRun:
             self.session.close_later(self.processor)
         self.session.close()
         if self.upstream is not None:
-            self.h.pool.release(self.upstream)
+            self.gen.pool.release(self.upstream)
             self.upstream = None
         outcome = self.exchange.outcome
         access_log.info(

@@ -18,7 +18,7 @@ Served = list[ProxyConfig]
 def served(monkeypatch: pytest.MonkeyPatch) -> Served:
     calls: Served = []
 
-    def fake_serve(config: ProxyConfig, announce: Any = None) -> None:
+    def fake_serve(config: ProxyConfig, announce: Any = None, **kw: Any) -> None:
         calls.append(config)
 
     monkeypatch.setattr(cli, "_serve", fake_serve)
@@ -49,7 +49,8 @@ def test_run_is_the_default_command(served: Served) -> None:
     )
     assert result.exit_code == 0, result.output
     (config,) = served
-    assert config.listen.port == 8080 and config.threads == 4 and not config.forwarded_for
+    assert config.listen == Address("0.0.0.0", 8080)
+    assert config.threads == 4 and not config.forwarded_for
     assert config.exchange.failure_mode_allow
     assert config.exchange.message_timeout == 0.35
     mode = config.exchange.processing_mode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,16 @@ import pytest
 from extproc.config import (
     Address,
     FileConfig,
+    InheritedSocket,
     Overrides,
     build_config,
+    check_reloadable,
     load_file,
     parse_address,
     parse_duration,
     parse_file_data,
     parse_filter,
+    parse_listen,
 )
 from extproc.errors import ConfigError
 
@@ -385,3 +389,59 @@ def test_metadata_headers_must_name_headers() -> None:
         error_of(parse_file_data, {"ext_proc": {}, "metadata_headers": {"ns": "bad name"}}).option
         == "metadata_headers"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("fd://3", InheritedSocket(3)),
+        ("fd://12", InheritedSocket(12)),
+        (":80", Address("0.0.0.0", 80)),
+    ],
+)
+def test_parse_listen_takes_inherited_descriptors(
+    value: str, expected: Address | InheritedSocket
+) -> None:
+    assert parse_listen(value, "--listen") == expected
+    assert str(expected) == (value if value.startswith("fd://") else "0.0.0.0:80")
+
+
+@pytest.mark.parametrize("value", ["fd://", "fd://x", "fd://-1"])
+def test_parse_listen_fd_errors_name_the_option(value: str) -> None:
+    err = error_of(parse_listen, value, "--listen")
+    assert err.option == "--listen" and "fd://N" in err.message
+
+
+def test_listen_fd_in_a_built_config() -> None:
+    config = build_config(None, dataclasses.replace(BASE, listen="fd://3"))
+    assert config.listen == InheritedSocket(3)
+
+
+def test_reload_may_change_the_filter_processor_and_upstream() -> None:
+    running = build_config(None, BASE)
+    file = parse_file_data({"ext_proc": {"failure_mode_allow": True}, "upstream": "10.0.0.1:80"})
+    flags = dataclasses.replace(BASE, upstream=None, processor="10.0.0.2:9000")
+    check_reloadable(running, build_config(file, flags))
+
+
+@pytest.mark.parametrize(
+    ("change", "option"),
+    [
+        ({"listen": ":8081"}, "listen"),
+        ({"admin": ":9901"}, "--admin"),
+        ({"threads": 4}, "--threads"),
+    ],
+    ids=["listen", "admin", "threads"],
+)
+def test_reload_refuses_what_only_a_restart_applies(change: dict[str, object], option: str) -> None:
+    running = build_config(None, BASE)
+    new = build_config(None, dataclasses.replace(BASE, **change))  # type: ignore[arg-type]
+    err = error_of(check_reloadable, running, new)
+    assert err.option == option and "restart" in err.message
+
+
+def test_reload_refuses_a_new_stat_prefix() -> None:
+    running = build_config(None, BASE)
+    new = build_config(parse_file_data({"stat_prefix": "other"}), BASE)
+    err = error_of(check_reloadable, running, new)
+    assert err.option == "ext_proc.stat_prefix"

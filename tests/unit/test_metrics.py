@@ -368,6 +368,9 @@ http.ingress.downstream_rq_total: 0
 {p}streams_failed: 0
 {p}streams_started: 0
 http.ingress.rs_too_large: 0
+server.reload_failures: 0
+server.reloads: 0
+server.worker_restarts: 0
 cluster.upstream.upstream_rq_time: No recorded values
 http.ingress.downstream_rq_time: No recorded values
 {p}processor_time: No recorded values
@@ -381,7 +384,7 @@ http.ingress.downstream_rq_time: No recorded values
 )
 def test_envoy_text_names_and_order(stat_prefix: str, scope: str) -> None:
     # Envoy 1.40 prints these names, in this order (counters and gauges by name, then the
-    # histograms by name), for an HCM with stat_prefix "ingress".
+    # histograms by name), for an HCM with stat_prefix "ingress"; server.* are extproc's.
     assert Stats(stat_prefix).render_envoy_stats() == FRESH_TEXT.format(p=scope)
 
 
@@ -478,3 +481,44 @@ def test_prometheus_openmetrics_when_asked() -> None:
     body, content_type = Stats().render_prometheus("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
+
+
+# Workers ----------------------------------------------------------------------------------
+
+
+def test_sum_workers_adds_counters_gauges_and_histograms() -> None:
+    one, two = Stats("foo"), Stats("foo")
+    one.connection_opened()
+    two.connection_opened()
+    two.connection_opened()
+    two.connection_closed()
+    one.ext_proc.streams_started.inc(2)
+    two.ext_proc.streams_started.inc(3)
+    one.downstream_rq_time.observe(0.002)
+    two.downstream_rq_time.observe(0.004)
+    one.reloads.inc(7)  # a worker's own server stats are not shown
+    supervisor = Stats("foo")
+    supervisor.reloads.inc()
+    supervisor.worker_restarts.inc(2)
+    supervisor.sum_workers(lambda: [one.exposition().decode(), two.exposition().decode()])
+    snapshot = supervisor.snapshot()
+    assert snapshot["http.ingress.downstream_cx_total"] == 3
+    assert snapshot["http.ingress.downstream_cx_active"] == 2
+    assert snapshot["http.ingress.ext_proc.foo.streams_started"] == 5
+    assert snapshot["http.ingress.downstream_rq_time.count"] == 2
+    assert snapshot["http.ingress.downstream_rq_time.sum"] == pytest.approx(6.0)
+    assert snapshot["server.reloads"] == 1 and snapshot["server.worker_restarts"] == 2
+    body, _ = supervisor.render_prometheus()
+    assert b'extproc_ext_proc_streams_started_total{stat_prefix="foo"} 5.0' in body
+    assert b"extproc_server_reloads_total 1.0" in body
+    assert "P50" in supervisor.render_envoy_stats(re.compile("downstream_rq_time"))
+
+
+def test_sum_workers_with_no_worker_answering_shows_the_server_stats_only() -> None:
+    supervisor = Stats()
+    supervisor.sum_workers(list)
+    assert supervisor.snapshot() == {
+        "server.reloads": 0,
+        "server.reload_failures": 0,
+        "server.worker_restarts": 0,
+    }
