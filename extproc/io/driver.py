@@ -104,6 +104,7 @@ class ConnectionHandler:
         self.processors = processors
         self.draining = threading.Event()
         self.ingress = wire.IngressOptions(
+            scheme=b"http" if config.tls is None else b"https",
             forwarded_for=config.forwarded_for,
             default_authority=f"{config.upstream.host}:{config.upstream.port}".encode(),
         )

@@ -25,6 +25,7 @@ from extproc.config import Address, ProxyConfig
 from extproc.io.admin import AdminServer
 from extproc.io.driver import ConnectionHandler, Downstream
 from extproc.io.processor import ProcessorClient
+from extproc.io.tls import TlsConnection, handshake, pending
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
 
@@ -64,7 +65,7 @@ class ProxyServer:
                 self._listener.close()
                 # The address as the filename: the CLI names the listener that failed.
                 raise OSError(err.errno, err.strerror, str(config.admin)) from err
-        self.pool = UpstreamPool(config.upstream)
+        self.pool = UpstreamPool(config.upstream, self.stats)
         # One channel per processor target: the filter's, and any a route overrides it with.
         self.processors = {
             settings: ProcessorClient(settings, max_streams=config.threads)
@@ -121,11 +122,11 @@ class ProxyServer:
 
     def serve_forever(self) -> None:
         host, port = self.address
-        upstream = self.config.upstream
         log.info(
             "listening",
             address=f"{host}:{port}",
-            upstream=f"{upstream.host}:{upstream.port}",
+            tls=self.config.tls is not None,
+            upstream=",".join(str(a) for a in self.config.upstream.addresses),
             processor=self.config.processor.target,
             threads=self.config.threads,
         )
@@ -215,7 +216,7 @@ class ProxyServer:
 
     def _work(self, down: Downstream) -> None:
         try:
-            keep = self.handler.serve(down)
+            keep = self._handshake(down) and self.handler.serve(down)
         except Exception:
             log.exception("worker_error")
             down.conn.close()
@@ -231,12 +232,31 @@ class ProxyServer:
         else:
             self.stats.connection_closed()  # serve() or the except above closed it
 
+    def _handshake(self, down: Downstream) -> bool:
+        """TLS first, on this worker thread, for a listener with TLS; whether to serve."""
+        tls = self.config.tls
+        if tls is None or isinstance(down.conn, TlsConnection):
+            return True
+        deadline = time.monotonic() + self.config.timeouts.request_headers
+        try:
+            down.conn = handshake(
+                tls.context, down.conn, deadline, self.config.max_request_head_bytes
+            )
+        except OSError as err:
+            log.info("tls_handshake_failed", peer=down.peer_ip, error=str(err))
+            return False
+        return True
+
     def _take_returned(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self._wake_r.recv(4096)
         deadline = time.monotonic() + self.config.timeouts.idle
         while not self._returned.empty():
-            self._park(self._returned.get(), deadline)
+            down = self._returned.get()
+            if pending(down.conn):
+                self._submit(down)  # bytes in the TLS layer: the selector would not see them
+            else:
+                self._park(down, deadline)
 
     def _park(self, down: Downstream, deadline: float) -> None:
         sock = down.conn.sock
