@@ -97,14 +97,14 @@ def channel_setup(
     if google is not None:
         args.update(_channel_args(google))
         credentials = _config_credentials(google)
+    if (flags.cert is None) != (flags.key is None):
+        raise ConfigError("--processor-cert", "--processor-cert and --processor-key go together")
     if flags.tls:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(flags.ca, "--processor-ca"),
             private_key=_read(flags.key, "--processor-key"),
             certificate_chain=_read(flags.cert, "--processor-cert"),
         )
-    if (flags.cert is None) != (flags.key is None):
-        raise ConfigError("--processor-cert", "--processor-cert and --processor-key go together")
     if flags.authority is not None:
         authority = flags.authority
         if credentials is not None:
