@@ -16,6 +16,7 @@ import structlog
 
 from extproc import logs
 from extproc._version import __version__
+from extproc.channels import LB_POLICIES, ChannelFlags, check_target
 from extproc.config import (
     DEFAULT_THREADS,
     Overrides,
@@ -23,7 +24,6 @@ from extproc.config import (
     Timeouts,
     build_config,
     load_file,
-    parse_address,
     parse_duration,
 )
 from extproc.errors import ConfigError
@@ -208,14 +208,101 @@ def _proxy_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _network_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Processor channel, upstream balancing and listener TLS (``run`` only)."""
+    file = click.Path(dir_okay=False, exists=True)
+    options = [
+        click.option(
+            "--processor-ca",
+            type=file,
+            help="Talk TLS to the processor, trusting these CA certificates (PEM).",
+        ),
+        click.option(
+            "--processor-cert",
+            type=file,
+            help="Client certificate chain for mTLS to the processor (PEM; with --processor-key).",
+        ),
+        click.option("--processor-key", type=file, help="Private key of --processor-cert (PEM)."),
+        click.option(
+            "--processor-authority",
+            metavar="NAME",
+            help="The processor's :authority, and the name its TLS certificate must carry.",
+        ),
+        click.option(
+            "--processor-lb-policy",
+            type=click.Choice(LB_POLICIES),
+            help="How streams spread over the target's addresses (default round_robin;"
+            " xds: targets take the control plane's).",
+        ),
+        click.option(
+            "--processor-keepalive-time",
+            metavar="DURATION",
+            callback=_duration("--processor-keepalive-time"),
+            help="Ping the processor this often (off by default), so a dead host is noticed.",
+        ),
+        click.option(
+            "--processor-keepalive-timeout",
+            metavar="DURATION",
+            callback=_duration("--processor-keepalive-timeout"),
+            help="A ping unanswered this long closes the connection (default 20s).",
+        ),
+        click.option(
+            "--upstream-ejection-time",
+            default="30s",
+            callback=_duration("--upstream-ejection-time"),
+            help="An upstream that fails to connect is skipped this long, doubled on each"
+            " failure in a row (Envoy's base_ejection_time).",
+        ),
+        click.option(
+            "--upstream-max-ejection-time",
+            default="300s",
+            callback=_duration("--upstream-max-ejection-time"),
+            help="The longest an upstream is skipped (Envoy's max_ejection_time).",
+        ),
+        click.option(
+            "--tls-cert",
+            type=file,
+            help="Serve clients over TLS with this certificate chain (PEM; with --tls-key).",
+        ),
+        click.option("--tls-key", type=file, help="Private key of --tls-cert (PEM)."),
+        click.option(
+            "--tls-client-ca",
+            type=file,
+            help="Require client certificates signed by these CAs (mTLS).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _network_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    if "processor_ca" not in kw:  # a command without _network_options
+        return {}
+    return {
+        "processor_channel": ChannelFlags(
+            ca=kw["processor_ca"],
+            cert=kw["processor_cert"],
+            key=kw["processor_key"],
+            authority=kw["processor_authority"],
+            lb_policy=kw["processor_lb_policy"],
+            keepalive_time=kw["processor_keepalive_time"],
+            keepalive_timeout=kw["processor_keepalive_timeout"],
+        ),
+        "upstream_ejection": (kw["upstream_ejection_time"], kw["upstream_max_ejection_time"]),
+        "tls_cert": kw["tls_cert"],
+        "tls_key": kw["tls_key"],
+        "tls_client_ca": kw["tls_client_ca"],
+    }
+
+
 def _overrides(kw: dict[str, Any], **targets: Any) -> Overrides:
     clusters: dict[str, str] = {}
     for item in kw.get("cluster") or ():
         name, sep, target = item.partition("=")
         if not sep or not name:
-            raise ConfigError("--cluster", f"expected NAME=HOST:PORT, got {item!r}")
-        parse_address(target, "--cluster", default_host="127.0.0.1")
-        clusters[name] = target
+            raise ConfigError("--cluster", f"expected NAME=TARGET, got {item!r}")
+        clusters[name] = check_target(target, "--cluster")
     metadata_headers: dict[str, str] = {}
     for item in kw.get("metadata_header") or ():
         namespace, sep, header = item.partition("=")
@@ -252,6 +339,7 @@ def _overrides(kw: dict[str, Any], **targets: Any) -> Overrides:
         request_body_mode=modes["request_body_mode"],
         response_body_mode=modes["response_body_mode"],
         admin=kw["admin"],
+        **_network_overrides(kw),
         **targets,
     )
 
@@ -334,7 +422,12 @@ def main() -> None:
 
 @main.command()
 @click.option("--listen", metavar="[HOST]:PORT", help="Address to accept clients on.")
-@click.option("--upstream", metavar="HOST:PORT", help="The one upstream to proxy to.")
+@click.option(
+    "--upstream",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Upstream to proxy to; repeat it (or give a comma list) to balance over several.",
+)
 @click.option(
     "--processor",
     metavar="TARGET",
@@ -356,8 +449,8 @@ def main() -> None:
 @click.option(
     "--cluster",
     multiple=True,
-    metavar="NAME=HOST:PORT",
-    help="Resolve grpc_service.envoy_grpc.cluster_name NAME (repeatable).",
+    metavar="NAME=TARGET",
+    help="Resolve grpc_service.envoy_grpc.cluster_name NAME to a gRPC target (repeatable).",
 )
 @click.option(
     "--workers",
@@ -373,10 +466,11 @@ def main() -> None:
     default=False,
     help="Pin worker i to CPU i mod the CPUs allowed (with --workers 1, the one process).",
 )
+@_network_options
 @_proxy_options
 def run(
     listen: str | None,
-    upstream: str | None,
+    upstream: tuple[str, ...],
     processor: str | None,
     config_path: Path | None,
     workers: int,
@@ -390,7 +484,9 @@ def run(
         _fail(EXIT_STARTUP, str(err))
         return
     try:
-        flags = _overrides(kw, listen=activated, upstream=upstream, processor=processor)
+        flags = _overrides(
+            kw, listen=activated, upstream=",".join(upstream) or None, processor=processor
+        )
         config = build_config(load_file(config_path) if config_path else None, flags)
     except ConfigError as err:
         _fail(EXIT_CONFIG, str(err))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from envoy.config.core.v3 import grpc_service_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from google.protobuf import json_format
 
+from extproc.channels import ChannelArgs, ChannelFlags, channel_setup, check_target
 from extproc.core import attributes
 from extproc.core.mutations import HeaderLimits, name_is_valid
 from extproc.core.settings import DEFAULT_BUFFER_LIMIT, ExchangeSettings
@@ -59,11 +61,32 @@ class InheritedSocket:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    host: str
-    port: int
+    """The upstream addresses, balanced round robin; one that fails to connect is ejected for
+    ``ejection_time`` seconds, doubled for each ejection in a row up to ``max_ejection_time``."""
+
+    addresses: tuple[Address, ...]
     connect_timeout: float = 5.0
     max_idle: int = 64
     max_response_head_bytes: int = 64 * 1024
+    ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+
+    @property
+    def host(self) -> str:
+        """The first address's host: the authority of requests that name none."""
+        return self.addresses[0].host
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0].port
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """TLS on the listener: the server context, loaded from the PEM files at start-up."""
+
+    context: ssl.SSLContext
+    client_certificates: bool = False  # required (mTLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +98,8 @@ class ProcessorSettings:
     metadata: tuple[tuple[str, str], ...] = ()
     credentials: grpc.ChannelCredentials | None = None
     authority: str | None = None
+    # gRPC channel arguments: LB policy, keepalive, google_grpc.channel_args (extproc.channels).
+    channel_args: ChannelArgs = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +137,7 @@ class ProxyConfig:
     # ExternalProcessor.stat_prefix: the ext_proc stats are http.ingress.ext_proc.<it>.*
     stat_prefix: str = ""
     routes: tuple[Route, ...] = ()
+    tls: ListenerTls | None = None
 
     def for_path(self, path: bytes) -> tuple[ExchangeSettings, ProcessorSettings]:
         """The settings of the first route whose prefix starts ``path``, else the filter's."""
@@ -191,12 +217,14 @@ def parse_file_data(data: dict[str, Any]) -> FileConfig:
     if not isinstance(clusters, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in clusters.items()
     ):
-        raise ConfigError("clusters", "expected a mapping of cluster name to HOST:PORT")
+        raise ConfigError("clusters", "expected a mapping of cluster name to a gRPC target")
     for name, target in clusters.items():
-        parse_address(target, f"clusters.{name}", default_host="127.0.0.1")
+        check_target(target, f"clusters.{name}")
     strings = {}
     for key in ("listen", "upstream", "processor"):
         value = data.get(key)
+        if key == "upstream" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
         if value is not None and not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {type(value).__name__}")
         strings[key] = value
@@ -276,6 +304,9 @@ _SUPPORTED_FIELDS = frozenset(
     }
 )
 _SUPPORTED_GRPC_FIELDS = frozenset({"envoy_grpc", "google_grpc", "timeout", "initial_metadata"})
+_SUPPORTED_GOOGLE_GRPC_FIELDS = frozenset(
+    {"target_uri", "stat_prefix", "channel_credentials", "channel_args"}
+)
 _MAX_DURATION = 3600.0
 
 
@@ -297,6 +328,12 @@ def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
         if descriptor.name not in _SUPPORTED_GRPC_FIELDS:
             raise ConfigError(
                 f"ext_proc.grpc_service.{descriptor.name}", "is not supported by extproc"
+            )
+    for descriptor, _ in service.google_grpc.ListFields():
+        if descriptor.name not in _SUPPORTED_GOOGLE_GRPC_FIELDS:
+            raise ConfigError(
+                f"ext_proc.grpc_service.google_grpc.{descriptor.name}",
+                "is not supported by extproc",
             )
 
 
@@ -344,6 +381,7 @@ def _processor_settings(
     service: grpc_service_pb2.GrpcService,
     clusters: Mapping[str, str],
     processor_flag: str | None,
+    channel: ChannelFlags,
 ) -> ProcessorSettings:
     metadata = tuple(
         (hv.key.lower(), hv.raw_value.decode() if hv.raw_value else hv.value)
@@ -351,13 +389,15 @@ def _processor_settings(
     )
     timeout = service.timeout.ToTimedelta().total_seconds() if service.HasField("timeout") else None
     authority: str | None = None
-    credentials: grpc.ChannelCredentials | None = None
+    google: grpc_service_pb2.GrpcService.GoogleGrpc | None = None
     kind = service.WhichOneof("target_specifier")
+    where = "--processor"
     if processor_flag is not None:
         target = processor_flag
     elif kind == "google_grpc":
-        target = service.google_grpc.target_uri
-        credentials = _channel_credentials(service.google_grpc)
+        google = service.google_grpc
+        target = google.target_uri
+        where = "ext_proc.grpc_service.google_grpc.target_uri"
     elif kind == "envoy_grpc":
         name = service.envoy_grpc.cluster_name
         if name not in clusters:
@@ -373,41 +413,11 @@ def _processor_settings(
         raise ConfigError("--processor", "no processor: give --processor or a grpc_service")
     if not target:
         raise ConfigError("ext_proc.grpc_service.google_grpc.target_uri", "is empty")
-    return ProcessorSettings(target, timeout, metadata, credentials, authority)
-
-
-def _channel_credentials(google: grpc_service_pb2.GrpcService.GoogleGrpc) -> Any:
-    if not google.HasField("channel_credentials"):
-        return None
-    creds = google.channel_credentials
-    if creds.WhichOneof("credential_specifier") != "ssl_credentials":
-        raise ConfigError(
-            "ext_proc.grpc_service.google_grpc.channel_credentials",
-            "only ssl_credentials is supported by extproc",
-        )
-    ssl = creds.ssl_credentials
-    where = "ext_proc.grpc_service.google_grpc.channel_credentials.ssl_credentials"
-    return grpc.ssl_channel_credentials(
-        root_certificates=_data_source(ssl.root_certs, f"{where}.root_certs"),
-        private_key=_data_source(ssl.private_key, f"{where}.private_key"),
-        certificate_chain=_data_source(ssl.cert_chain, f"{where}.cert_chain"),
+    check_target(target, where)
+    setup = channel_setup(target, google, authority, channel)
+    return ProcessorSettings(
+        target, timeout, metadata, setup.credentials, setup.authority, setup.channel_args
     )
-
-
-def _data_source(source: Any, where: str) -> bytes | None:
-    kind = source.WhichOneof("specifier")
-    if kind is None:
-        return None
-    if kind == "filename":
-        try:
-            return Path(source.filename).read_bytes()
-        except OSError as err:
-            raise ConfigError(where, f"cannot read {source.filename}: {err.strerror}") from err
-    if kind == "inline_bytes":
-        return bytes(source.inline_bytes)
-    if kind == "inline_string":
-        return str(source.inline_string).encode()
-    raise ConfigError(where, f"{kind} is not supported by extproc")
 
 
 # Building ---------------------------------------------------------------------------------
@@ -420,6 +430,7 @@ class Overrides:
     listen: str | None = None
     upstream: str | None = None
     processor: str | None = None
+    processor_channel: ChannelFlags = field(default_factory=ChannelFlags)
     clusters: Mapping[str, str] = field(default_factory=dict)
     metadata_headers: Mapping[str, str] = field(default_factory=dict)
     failure_mode_allow: bool | None = None
@@ -440,6 +451,11 @@ class Overrides:
     request_trailer_mode: str | None = None
     response_trailer_mode: str | None = None
     admin: str | None = None
+    # (base, max) ejection seconds of an upstream that failed to connect.
+    upstream_ejection: tuple[float, float] = (30.0, 300.0)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
 
 def apply_overrides(
@@ -483,10 +499,20 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
         raise ConfigError("--listen", "is required (or listen: in the config file)")
     if upstream is None:
         raise ConfigError("--upstream", "is required (or upstream: in the config file)")
-    upstream_address = parse_address(upstream, "--upstream", default_host="127.0.0.1")
+    upstream_addresses = tuple(
+        parse_address(item.strip(), "--upstream", default_host="127.0.0.1")
+        for item in upstream.split(",")
+    )
+    ejection, max_ejection = flags.upstream_ejection
+    if not 0 < ejection <= max_ejection:
+        raise ConfigError(
+            "--upstream-ejection-time", "must be above 0 and at most --upstream-max-ejection-time"
+        )
     clusters = {**file.clusters, **flags.clusters}
     processor_flag = flags.processor or file.processor
-    processor = _processor_settings(message.grpc_service, clusters, processor_flag)
+    processor = _processor_settings(
+        message.grpc_service, clusters, processor_flag, flags.processor_channel
+    )
     head_bytes = flags.max_request_headers_kb * 1024
     limits = HeaderLimits(max_count=flags.max_request_headers_count, max_bytes=head_bytes)
     named = {**file.metadata_headers, **flags.metadata_headers}
@@ -512,15 +538,18 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
             Route(
                 spec.prefix.encode(),
                 exchange_settings(route_filter),
-                _processor_settings(route_filter.grpc_service, clusters, processor_flag),
+                _processor_settings(
+                    route_filter.grpc_service, clusters, processor_flag, flags.processor_channel
+                ),
             )
         )
     return ProxyConfig(
         listen=parse_listen(listen, "--listen"),
         upstream=UpstreamSettings(
-            upstream_address.host,
-            upstream_address.port,
+            upstream_addresses,
             connect_timeout=flags.upstream_connect_timeout,
+            ejection_time=ejection,
+            max_ejection_time=max_ejection,
         ),
         processor=processor,
         exchange=exchange_settings(message),
@@ -531,6 +560,7 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
         admin=parse_address(flags.admin, "--admin") if flags.admin is not None else None,
         stat_prefix=message.stat_prefix,
         routes=tuple(routes),
+        tls=_listener_tls(flags),
     )
 
 
@@ -552,3 +582,28 @@ def check_reloadable(running: ProxyConfig, new: ProxyConfig) -> None:
                 f"cannot change on reload ({getattr(running, attribute)!s} ->"
                 f" {getattr(new, attribute)!s}); restart extproc to apply it",
             )
+
+
+def _listener_tls(flags: Overrides) -> ListenerTls | None:
+    if flags.tls_cert is None and flags.tls_key is None:
+        if flags.tls_client_ca is not None:
+            raise ConfigError("--tls-client-ca", "needs --tls-cert and --tls-key")
+        return None
+    if flags.tls_cert is None or flags.tls_key is None:
+        raise ConfigError("--tls-cert", "--tls-cert and --tls-key go together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(flags.tls_cert, flags.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        detail = f"cannot load {flags.tls_cert} with its key: {err}"
+        raise ConfigError("--tls-cert", detail) from err
+    if flags.tls_client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        try:
+            context.load_verify_locations(cafile=flags.tls_client_ca)
+        except (OSError, ssl.SSLError) as err:
+            detail = f"cannot load {flags.tls_client_ca}: {err}"
+            raise ConfigError("--tls-client-ca", detail) from err
+    return ListenerTls(context, client_certificates=flags.tls_client_ca is not None)

@@ -124,6 +124,17 @@ class ExtProcCounters:
 EXT_PROC_COUNTERS = tuple(f.name for f in fields(ExtProcCounters))
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamHostStats:
+    """One upstream address's connection and ejection stats. /stats shows each as Envoy's
+    cluster-wide stat, summed over the addresses; /metrics keeps an ``address`` label."""
+
+    cx_total: Counter
+    cx_connect_fail: Counter
+    ejections_enforced: Counter
+    ejections_active: Gauge
+
+
 @dataclass(slots=True)
 class _HistogramValues:
     buckets: list[tuple[float, float]]  # (upper bound in seconds, cumulative count)
@@ -194,6 +205,29 @@ class Stats:
             f"cluster.{UPSTREAM_CLUSTER}.upstream_rq_time",
             "Upstream times until the response head",
         )
+        label = ["address"]
+        reg = self.registry
+        self._upstream_cx = Counter(
+            "extproc_upstream_cx", "Upstream connections opened", label, registry=reg
+        )
+        self._upstream_cx_connect_fail = Counter(
+            "extproc_upstream_cx_connect_fail",
+            "Upstream connections refused or timed out",
+            label,
+            registry=reg,
+        )
+        self._upstream_ejections = Counter(
+            "extproc_upstream_ejections_enforced",
+            "Upstream addresses ejected after a failed connection",
+            label,
+            registry=reg,
+        )
+        self._upstream_ejected = Gauge(
+            "extproc_upstream_ejections_active",
+            "Upstream addresses ejected now",
+            label,
+            registry=reg,
+        )
         # Envoy has no stat for this (it logs per-call latencies); extproc's own name.
         self.processor_time = self._histogram(
             "ext_proc_processor_time",
@@ -246,6 +280,37 @@ class Stats:
         histogram, its family name) as ``envoy``."""
         self._envoy_names[(sample, _key(labels))] = envoy
         return family.labels(**labels) if labels else family
+
+    def upstream_host(self, address: str) -> UpstreamHostStats:
+        """The stats of one upstream address, bound once (the pool keeps them)."""
+        labels = {"address": address}
+        cluster = f"cluster.{UPSTREAM_CLUSTER}."
+        return UpstreamHostStats(
+            cx_total=self._bind(
+                self._upstream_cx,
+                "extproc_upstream_cx_total",
+                cluster + "upstream_cx_total",
+                labels,
+            ),
+            cx_connect_fail=self._bind(
+                self._upstream_cx_connect_fail,
+                "extproc_upstream_cx_connect_fail_total",
+                cluster + "upstream_cx_connect_fail",
+                labels,
+            ),
+            ejections_enforced=self._bind(
+                self._upstream_ejections,
+                "extproc_upstream_ejections_enforced_total",
+                cluster + "outlier_detection.ejections_enforced_total",
+                labels,
+            ),
+            ejections_active=self._bind(
+                self._upstream_ejected,
+                "extproc_upstream_ejections_active",
+                cluster + "outlier_detection.ejections_active",
+                labels,
+            ),
+        )
 
     # Recording ----------------------------------------------------------------------------
 
@@ -343,7 +408,8 @@ class Stats:
                     elif sample.name.endswith("_sum"):
                         values.sum = sample.value
                 elif (name := self._envoy_names.get((sample.name, _key(labels)))) is not None:
-                    scalars[name] = sample.value  # not the _created samples
+                    # Not the _created samples; per-address upstream stats add up.
+                    scalars[name] = scalars.get(name, 0.0) + sample.value
         return scalars, histograms
 
 

@@ -110,6 +110,7 @@ class Generation:
         processors: Mapping[ProcessorSettings, ProcessorClient],
     ) -> Generation:
         ingress = wire.IngressOptions(
+            scheme=b"http" if config.tls is None else b"https",
             forwarded_for=config.forwarded_for,
             default_authority=f"{config.upstream.host}:{config.upstream.port}".encode(),
         )

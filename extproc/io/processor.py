@@ -107,7 +107,7 @@ class ProcessorClient:
 
     def __init__(self, settings: ProcessorSettings, max_streams: int = 64) -> None:
         self.settings = settings
-        options: list[tuple[str, str | int]] = []
+        options: list[tuple[str, str | int]] = list(settings.channel_args)
         if settings.authority:
             options.append(("grpc.default_authority", settings.authority))
         if settings.credentials is None:

@@ -43,6 +43,7 @@ from extproc.io import systemd
 from extproc.io.admin import AdminServer
 from extproc.io.driver import ConnectionHandler, Downstream, Generation
 from extproc.io.processor import ProcessorClient
+from extproc.io.tls import TlsConnection, handshake, pending
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
 
@@ -127,7 +128,7 @@ class ProxyServer:
         self._load_config = load_config
         self._notify = notify
         self._control = control
-        self.pool = UpstreamPool(config.upstream)
+        self.pool = UpstreamPool(config.upstream, self.stats)
         # One channel per processor target: the filter's, and any a route overrides it with.
         self.processors = _clients(config, {})
         self.handler = ConnectionHandler(config, self.pool, self.processors, self.stats)
@@ -201,11 +202,11 @@ class ProxyServer:
 
     def serve_forever(self) -> None:
         host, port = self.address
-        upstream = self.config.upstream
         log.info(
             "listening",
             address=f"{host}:{port}",
-            upstream=f"{upstream.host}:{upstream.port}",
+            tls=self.config.tls is not None,
+            upstream=",".join(str(a) for a in self.config.upstream.addresses),
             processor=self.config.processor.target,
             threads=self.config.threads,
         )
@@ -307,7 +308,11 @@ class ProxyServer:
 
     def _apply(self, config: ProxyConfig) -> None:
         old_pool, old_processors = self.pool, self.processors
-        pool = old_pool if config.upstream == old_pool.settings else UpstreamPool(config.upstream)
+        pool = (
+            old_pool
+            if config.upstream == old_pool.settings
+            else UpstreamPool(config.upstream, self.stats)
+        )
         processors = _clients(config, old_processors)
         self.handler.swap(Generation.build(config, pool, processors))
         self.config, self.pool, self.processors = config, pool, processors
@@ -387,7 +392,7 @@ class ProxyServer:
     def _work(self, down: Downstream, generation: int) -> None:
         ready: list[Callable[[], None]] = []
         try:
-            keep = self.handler.serve(down, self._may_linger)
+            keep = self._handshake(down) and self.handler.serve(down, self._may_linger)
         except Exception:
             log.exception("worker_error")
             down.conn.close()
@@ -413,14 +418,34 @@ class ProxyServer:
 
     def _may_linger(self) -> bool:
         # Half the pool stays free for connections the acceptor hands over meanwhile.
-        return self._inflight <= self.config.threads // 2 and not self._stop.is_set()
+        busy = sum(self._inflight.values())
+        return busy <= self.config.threads // 2 and not self._stop.is_set()
+
+    def _handshake(self, down: Downstream) -> bool:
+        """TLS first, on this worker thread, for a listener with TLS; whether to serve."""
+        tls = self.config.tls
+        if tls is None or isinstance(down.conn, TlsConnection):
+            return True
+        deadline = time.monotonic() + self.config.timeouts.request_headers
+        try:
+            down.conn = handshake(
+                tls.context, down.conn, deadline, self.config.max_request_head_bytes
+            )
+        except OSError as err:
+            log.info("tls_handshake_failed", peer=down.peer_ip, error=str(err))
+            return False
+        return True
 
     def _take_returned(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self._wake_r.recv(4096)
         deadline = time.monotonic() + self.config.timeouts.idle
         while not self._returned.empty():
-            self._park(self._returned.get(), deadline)
+            down = self._returned.get()
+            if pending(down.conn):
+                self._submit(down)  # bytes in the TLS layer: the selector would not see them
+            else:
+                self._park(down, deadline)
 
     def _park(self, down: Downstream, deadline: float) -> None:
         sock = down.conn.sock
