@@ -98,7 +98,10 @@ class Http1Connection:
             self._held = []
         if pieces:
             self._set_timeout(timeout)
-            _sendall(self.sock, pieces)
+            self._write(pieces)
+
+    def _write(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        _sendall(self.sock, pieces)
 
     def hold(self, event: Any) -> None:
         """Serialise ``event`` now but write it with the next :meth:`send`: one syscall for

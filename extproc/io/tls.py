@@ -12,7 +12,7 @@ from __future__ import annotations
 import selectors
 import ssl
 import time
-from typing import Any
+from collections.abc import Sequence
 
 import h11
 
@@ -25,11 +25,8 @@ class TlsConnection(Http1Connection):
 
     __slots__ = ()
 
-    def send(self, event: Any, timeout: float) -> None:
-        pieces = self.h11.send_with_data_passthrough(event)
-        if pieces:
-            self._set_timeout(timeout)
-            self.sock.sendall(b"".join(pieces))
+    def _write(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        self.sock.sendall(b"".join(pieces))
 
 
 def handshake(

@@ -199,7 +199,7 @@ def test_listener_tls_flags(tmp_path: Path) -> None:
 
 def test_cli_network_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     served: list[ProxyConfig] = []
-    monkeypatch.setattr(cli, "_serve", lambda config, announce=None: served.append(config))
+    monkeypatch.setattr(cli, "_serve", lambda config, **kw: served.append(config))
     monkeypatch.setattr(logs, "configure", lambda *a: None)
     pem = tmp_path / "ca.pem"
     pem.write_text("x")
