@@ -1,9 +1,11 @@
 """The proxy server: a listening socket, a bounded pool of worker threads, keep-alive parking.
 
-A worker owns a connection only while a request is on it. A new connection, and a keep-alive
-connection between requests, is parked in the acceptor's selector (gunicorn's gthread model),
-so idle clients do not pin worker threads; it goes to a worker when readable and is closed once
-idle too long.
+A worker owns a connection only while a request is on it. A new connection, a keep-alive
+connection between requests, and one whose request head has not all arrived, is parked in the
+acceptor's selector (gunicorn's gthread model), so idle and slow clients do not pin worker
+threads; it goes to a worker when readable and is closed once past its deadline (the request
+head timeout, or the idle timeout between requests). Beyond ``max_connections`` open client
+connections, a new one is closed as soon as it is accepted (Envoy's listener connection limit).
 Stopping closes the listener and the parked connections, then lets in-flight requests finish
 within the drain timeout. The admin listener, if any, serves from the start of serving to the
 end of the drain, so /ready says DRAINING while requests finish.
@@ -82,6 +84,9 @@ class ProxyServer:
         self._serving = threading.Event()
         self._idle = threading.Condition()
         self._inflight = 0
+        # Client connections open (parked or on a worker), for --max-connections.
+        self._open = 0
+        self._open_lock = threading.Lock()
         self._accept_paused_until: float | None = None
         self._thread: threading.Thread | None = None
 
@@ -166,7 +171,7 @@ class ProxyServer:
         self._listener.close()
         for down, _ in self._parked.values():
             down.conn.close()
-            self.stats.connection_closed()
+            self._closed()
         self._parked.clear()
         deadline = time.monotonic() + self.config.timeouts.drain
         with self._idle:
@@ -176,7 +181,7 @@ class ProxyServer:
         self._executor.shutdown(wait=unfinished == 0, cancel_futures=True)
         while not self._returned.empty():
             self._returned.get().conn.close()
-            self.stats.connection_closed()
+            self._closed()
         self._wake_r.close()
         self._wake_w.close()
         self.pool.close()
@@ -201,12 +206,21 @@ class ProxyServer:
                 self._selector.unregister(self._listener)
                 self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
                 return
+            limit = self.config.max_connections
+            if limit and self._open >= limit:
+                # Envoy's listener limit: refused at once, before any byte is read.
+                sock.close()
+                self.stats.downstream_cx_overflow.inc()
+                continue
             sock.setblocking(True)
             down = Downstream.accept(sock, peer, self.config.max_request_head_bytes)
+            with self._open_lock:
+                self._open += 1
             self.stats.connection_opened()
             # A new connection waits in the selector too, so a client that connects and sends
-            # nothing costs no worker thread; it is dropped after the header read timeout.
-            self._park(down, time.monotonic() + self.config.timeouts.request_headers)
+            # nothing costs no worker thread; its whole head is due by the header timeout.
+            down.head_deadline = time.monotonic() + self.config.timeouts.request_headers
+            self._park(down, down.head_deadline)
 
     def _submit(self, down: Downstream) -> None:
         with self._idle:
@@ -229,14 +243,21 @@ class ProxyServer:
             with contextlib.suppress(OSError):
                 self._wake_w.send(b"\0")
         else:
-            self.stats.connection_closed()  # serve() or the except above closed it
+            self._closed()  # serve() or the except above closed it
+
+    def _closed(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+        self.stats.connection_closed()
 
     def _take_returned(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self._wake_r.recv(4096)
-        deadline = time.monotonic() + self.config.timeouts.idle
+        idle_deadline = time.monotonic() + self.config.timeouts.idle
         while not self._returned.empty():
-            self._park(self._returned.get(), deadline)
+            down = self._returned.get()
+            # A head begun but incomplete keeps its own deadline; otherwise keep-alive idling.
+            self._park(down, down.head_deadline or idle_deadline)
 
     def _park(self, down: Downstream, deadline: float) -> None:
         sock = down.conn.sock
@@ -253,5 +274,6 @@ class ProxyServer:
         for fd in expired:
             down, _ = self._parked.pop(fd)
             self._selector.unregister(down.conn.sock)
+            self.handler.head_timed_out(down)
             down.conn.close()
-            self.stats.connection_closed()
+            self._closed()
