@@ -74,6 +74,13 @@ def _proxy_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help=f"Worker threads (default {DEFAULT_THREADS}).",
         ),
         click.option(
+            "--max-connections",
+            type=click.IntRange(0),
+            default=0,
+            help="Open client connections beyond which new ones are closed at once"
+            " (counted in listener.ingress.downstream_cx_overflow); 0, the default: no limit.",
+        ),
+        click.option(
             "--failure-mode-allow/--no-failure-mode-allow",
             default=None,
             help="Let requests through when the processor fails (ext_proc field).",
@@ -320,6 +327,7 @@ def _overrides(kw: dict[str, Any], **targets: Any) -> Overrides:
         status_on_error=kw["status_on_error"],
         honor_append_action=kw["honor_append_action"],
         threads=kw["threads"],
+        max_connections=kw["max_connections"],
         timeouts=Timeouts(
             request_headers=kw["header_read_timeout"],
             idle=kw["idle_timeout"],

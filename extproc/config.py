@@ -131,6 +131,8 @@ class ProxyConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     threads: int = DEFAULT_THREADS
     max_request_head_bytes: int = 60 * 1024
+    # Open client connections beyond which new ones are closed at once; 0: no limit (Envoy's).
+    max_connections: int = 0
     forwarded_for: bool = True
     # The admin listener (/stats, /metrics, /ready); None: none.
     admin: Address | None = None
@@ -440,6 +442,7 @@ class Overrides:
     status_on_error: int | None = None
     honor_append_action: bool = False
     threads: int | None = None
+    max_connections: int = 0
     timeouts: Timeouts = field(default_factory=Timeouts)
     upstream_connect_timeout: float = 5.0
     max_request_headers_kb: int = 60
@@ -555,6 +558,7 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
         exchange=exchange_settings(message),
         timeouts=flags.timeouts,
         threads=flags.threads or DEFAULT_THREADS,
+        max_connections=flags.max_connections,
         max_request_head_bytes=head_bytes,
         forwarded_for=flags.forwarded_for,
         admin=parse_address(flags.admin, "--admin") if flags.admin is not None else None,

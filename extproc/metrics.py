@@ -168,6 +168,11 @@ class Stats:
         self.downstream_cx_active = self._gauge(
             "downstream_cx_active", hcm + "downstream_cx_active", "Client connections open"
         )
+        self.downstream_cx_overflow = self._counter(
+            "downstream_cx_overflow",
+            f"listener.{HCM_STAT_PREFIX}.downstream_cx_overflow",
+            "Client connections closed at once: --max-connections were open",
+        )
         self.downstream_rq_total = self._counter(
             "downstream_rq", hcm + "downstream_rq_total", "Requests received"
         )

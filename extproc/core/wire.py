@@ -8,8 +8,9 @@ actually sent, so that no header a processor sets can desynchronise the framing 
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -27,6 +28,63 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+
+# What h11 lets through but no proxy should forward: control characters other than HTAB in a
+# value or target (h11 refuses only NUL and whitespace), a Host that is no authority.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+_AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]@]*").fullmatch
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request the proxy answers itself, before anything reaches the processor or upstream."""
+
+    status: int
+    reason: str
+
+
+def refuse_request(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[Header],
+    http_version: bytes,
+    max_count: int,
+    max_bytes: int,
+) -> Refusal | None:
+    """Why a request h11 accepted must still not be forwarded, or None.
+
+    h11 has already refused malformed lines, NUL, bare CR, conflicting Content-Lengths and
+    unknown transfer codings; this adds the rest of RFC 9112's smuggling rules (Content-Length
+    with Transfer-Encoding, Transfer-Encoding in HTTP/1.0), the request-target forms a gateway
+    may forward, and Envoy's header count and size limits, which h11 checks only on a head
+    still incomplete after a read.
+    """
+    if http_version != b"1.1" and http_version != b"1.0":
+        return Refusal(505, "HTTP version not supported")
+    if method == b"CONNECT":
+        return Refusal(405, "CONNECT is not supported")
+    if target[:1] != b"/" and not (
+        (target == b"*" and method == b"OPTIONS")
+        or target[:7].lower() == b"http://"
+        or target[:8].lower() == b"https://"
+    ):
+        return Refusal(400, "invalid request target")
+    if b"#" in target or _CONTROL(target):
+        return Refusal(400, "invalid character in the request target")
+    # Lists and one joined search, not a loop of checks: this runs for every request.
+    names = [n for n, _ in headers]
+    values = [v for _, v in headers]
+    joined = b"\t".join(values)  # HTAB is allowed in values, so it cannot cause a refusal
+    if _CONTROL(joined):
+        return Refusal(400, "invalid character in a header value")
+    if len(names) > max_count or sum(map(len, names)) + sum(map(len, values)) > max_bytes:
+        return Refusal(431, "request headers too large")
+    if b"host" in names and not _AUTHORITY(values[names.index(b"host")]):
+        return Refusal(400, "invalid Host")
+    if b"transfer-encoding" in names and (b"content-length" in names or http_version == b"1.0"):
+        return Refusal(400, "Transfer-Encoding with Content-Length or in HTTP/1.0")
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,15 @@ class ConnectionAborted(Exception):
     """The exchange cannot go on: close the downstream connection without (more of) a reply."""
 
 
+class ClientBodyError(ConnectionAborted):
+    """The request body broke HTTP/1.1 framing (400) or stalled past the client timeout (408)
+    after its head went on: answered so if no response has started, then the connection goes."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 @dataclass(slots=True)
 class Downstream:
     """One client connection, kept between requests (and while parked for keep-alive)."""
@@ -70,6 +79,8 @@ class Downstream:
     local: tuple[str, int]
     id: int
     requests: int = 0
+    # When the request head being read must be complete; None between requests.
+    head_deadline: float | None = None
 
     @property
     def peer_ip(self) -> str:
@@ -142,13 +153,17 @@ class ConnectionHandler:
         self.current = generation
 
     def serve(self, down: Downstream, may_linger: Callable[[], bool] = lambda: False) -> bool:
-        """Serve requests while they come; True to park the connection for keep-alive.
+        """Serve requests while they come; True to park the connection in the selector,
+        until its request head deadline (``down.head_deadline``) or for keep-alive.
 
         ``may_linger`` says whether this worker may wait :data:`KEEPALIVE_LINGER` for the
         next request rather than hand the connection back at once.
         """
         while True:
-            if not self._one_request(down) or self.draining.is_set():
+            kept = self._one_request(down)
+            if kept is None:
+                return True  # the head is not all here yet: wait for more without a worker
+            if not kept or self.draining.is_set():
                 down.conn.close()
                 return False
             h = down.conn.h11
@@ -161,28 +176,57 @@ class ConnectionHandler:
             if not (may_linger() and down.conn.wait_readable(KEEPALIVE_LINGER)):
                 return True
 
-    def _one_request(self, down: Downstream) -> bool:
-        """Read and answer one request; whether the connection may be kept."""
-        deadline = time.monotonic() + self.config.timeouts.request_headers
+    def head_timed_out(self, down: Downstream) -> None:
+        """A connection passed its head deadline: 408 if it had begun a request (the caller
+        closes it)."""
+        if down.conn.h11.their_state is h11.IDLE and down.conn.h11.trailing_data[0]:
+            _raw_error(down.conn, 408, "request header timeout")
+            self.stats.record_response(408)
+
+    def _one_request(self, down: Downstream) -> bool | None:
+        """Read and answer one request; whether the connection may be kept, None when the
+        request head is still incomplete (it is read as it comes, never waited for here)."""
+        now = time.monotonic()
+        if down.head_deadline is None:
+            down.head_deadline = now + self.config.timeouts.request_headers
         try:
-            event = down.conn.next_event(self.config.timeouts.request_headers, deadline)
+            event = down.conn.poll_event()
         except h11.RemoteProtocolError as err:
             _raw_error(down.conn, err.error_status_hint, str(err))
             self.stats.record_response(err.error_status_hint)
             return False
-        except TimeoutError:
-            if down.conn.h11.their_state is h11.IDLE and down.conn.h11.trailing_data[0]:
-                _raw_error(down.conn, 408, "request header timeout")
-                self.stats.record_response(408)
-            return False
         except OSError:
             return False
+        if event is h11.NEED_DATA:
+            if now < down.head_deadline:
+                return None
+            self.head_timed_out(down)
+            return False
+        down.head_deadline = None
         if not isinstance(event, h11.Request):
+            return False
+        limits = self.config.exchange.limits
+        refusal = wire.refuse_request(
+            event.method,
+            event.target,
+            event.headers,
+            event.http_version,
+            limits.max_count,
+            limits.max_bytes,
+        )
+        if refusal is not None:
+            _raw_error(down.conn, refusal.status, refusal.reason)
+            self.stats.record_response(refusal.status)
             return False
         down.requests += 1
         run = _RequestRun(self, down, event)
         try:
             run.run()
+        except ClientBodyError as err:
+            if not run.response_started:
+                _raw_error(down.conn, err.status, str(err))
+                run.stats.status = err.status
+            return False
         except (ConnectionAborted, OSError, h11.ProtocolError):
             return False
         finally:
@@ -325,8 +369,10 @@ class _RequestRun:
             return
         try:
             data, eos, trailers = read(min(left, self._io_timeout(direction)))
-        except TimeoutError:
+        except TimeoutError as err:
             if left > self._io_timeout(direction):
+                if direction is Direction.REQUEST:
+                    raise ClientBodyError(408, "request body timeout") from err
                 raise
             self.session.wait_reply(0)  # the message deadline passed while reading
             return
@@ -489,7 +535,9 @@ class _RequestRun:
     def _read_request_body(self, timeout: float) -> BodyPiece:
         try:
             return self.down.conn.read_body(timeout)
-        except (h11.RemoteProtocolError, ConnectionResetError) as err:
+        except h11.RemoteProtocolError as err:
+            raise ClientBodyError(400, f"request body: {err}") from err
+        except ConnectionResetError as err:
             raise ConnectionAborted("request body") from err
 
     # Downstream -------------------------------------------------------------------------

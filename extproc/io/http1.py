@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +57,25 @@ class Http1Connection:
             except ConnectionError:
                 data = b""
             self.h11.receive_data(data)
+
+    def poll_event(self) -> Any:
+        """The next event from the bytes held plus at most one read that does not wait.
+
+        h11.NEED_DATA when that is not enough: the caller waits for readability elsewhere (a
+        request head that trickles in waits in the server's selector, not on a worker).
+        """
+        event = self.h11.next_event()
+        if event is h11.NEED_DATA:
+            self._set_timeout(0.0)
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return event
+            except ConnectionError:
+                data = b""
+            self.h11.receive_data(data)
+            event = self.h11.next_event()
+        return event
 
     def read_body(self, timeout: float) -> tuple[bytes, bool, list[tuple[bytes, bytes]] | None]:
         """The next piece of a message body: all the data one read brought, whether the

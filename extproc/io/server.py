@@ -1,9 +1,11 @@
 """The proxy server: a listening socket, a bounded pool of worker threads, keep-alive parking.
 
-A worker owns a connection only while a request is on it. A new connection, and a keep-alive
-connection between requests, is parked in the acceptor's selector (gunicorn's gthread model),
-so idle clients do not pin worker threads; it goes to a worker when readable and is closed once
-idle too long.
+A worker owns a connection only while a request is on it. A new connection, a keep-alive
+connection between requests, and one whose request head has not all arrived, is parked in the
+acceptor's selector (gunicorn's gthread model), so idle and slow clients do not pin worker
+threads; it goes to a worker when readable and is closed once past its deadline (the request
+head timeout, or the idle timeout between requests). Beyond ``max_connections`` open client
+connections, a new one is closed as soon as it is accepted (Envoy's listener connection limit).
 Stopping closes the listener and the parked connections, then lets in-flight requests finish
 within the drain timeout. The admin listener, if any, serves from the start of serving to the
 end of the drain, so /ready says DRAINING while requests finish.
@@ -155,6 +157,9 @@ class ProxyServer:
         self._generation = 0
         # (generation, close): run close once no job submitted before that generation is left.
         self._retiring: list[tuple[int, Callable[[], None]]] = []
+        # Client connections open (parked or on a worker), for --max-connections.
+        self._open = 0
+        self._open_lock = threading.Lock()
         self._accept_paused_until: float | None = None
         self._thread: threading.Thread | None = None
 
@@ -162,6 +167,12 @@ class ProxyServer:
     def address(self) -> tuple[str, int]:
         host, port = self._listener.getsockname()[:2]
         return str(host), int(port)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no worker holds a connection; whether that happened within ``timeout``
+        (tests and embedding hosts check with it that nothing is left in flight)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._inflight, timeout)
 
     @property
     def state(self) -> str:
@@ -338,7 +349,7 @@ class ProxyServer:
         self._listener.close()
         for down, _ in self._parked.values():
             down.conn.close()
-            self.stats.connection_closed()
+            self._closed()
         self._parked.clear()
         deadline = time.monotonic() + self.config.timeouts.drain
         with self._idle:
@@ -349,7 +360,7 @@ class ProxyServer:
         self._executor.shutdown(wait=unfinished == 0, cancel_futures=True)
         while not self._returned.empty():
             self._returned.get().conn.close()
-            self.stats.connection_closed()
+            self._closed()
         self._wake_r.close()
         self._wake_w.close()
         self.pool.close()
@@ -376,12 +387,21 @@ class ProxyServer:
                 self._selector.unregister(self._listener)
                 self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
                 return
+            limit = self.config.max_connections
+            if limit and self._open >= limit:
+                # Envoy's listener limit: refused at once, before any byte is read.
+                sock.close()
+                self.stats.downstream_cx_overflow.inc()
+                continue
             sock.setblocking(True)
             down = Downstream.accept(sock, peer, self.config.max_request_head_bytes)
+            with self._open_lock:
+                self._open += 1
             self.stats.connection_opened()
             # A new connection waits in the selector too, so a client that connects and sends
-            # nothing costs no worker thread; it is dropped after the header read timeout.
-            self._park(down, time.monotonic() + self.config.timeouts.request_headers)
+            # nothing costs no worker thread; its whole head is due by the header timeout.
+            down.head_deadline = time.monotonic() + self.config.timeouts.request_headers
+            self._park(down, down.head_deadline)
 
     def _submit(self, down: Downstream) -> None:
         with self._idle:
@@ -414,7 +434,12 @@ class ProxyServer:
             with contextlib.suppress(OSError):
                 self._wake_w.send(b"\0")
         else:
-            self.stats.connection_closed()  # serve() or the except above closed it
+            self._closed()  # serve() or the except above closed it
+
+    def _closed(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+        self.stats.connection_closed()
 
     def _may_linger(self) -> bool:
         # Half the pool stays free for connections the acceptor hands over meanwhile.
@@ -439,13 +464,14 @@ class ProxyServer:
     def _take_returned(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self._wake_r.recv(4096)
-        deadline = time.monotonic() + self.config.timeouts.idle
+        idle_deadline = time.monotonic() + self.config.timeouts.idle
         while not self._returned.empty():
             down = self._returned.get()
             if pending(down.conn):
                 self._submit(down)  # bytes in the TLS layer: the selector would not see them
             else:
-                self._park(down, deadline)
+                # A head begun but incomplete keeps its own deadline; otherwise keep-alive.
+                self._park(down, down.head_deadline or idle_deadline)
 
     def _park(self, down: Downstream, deadline: float) -> None:
         sock = down.conn.sock
@@ -462,8 +488,9 @@ class ProxyServer:
         for fd in expired:
             down, _ = self._parked.pop(fd)
             self._selector.unregister(down.conn.sock)
+            self.handler.head_timed_out(down)
             down.conn.close()
-            self.stats.connection_closed()
+            self._closed()
 
 
 def install_signals(queue_signal: Callable[[int], None], *more: signal.Signals) -> None:

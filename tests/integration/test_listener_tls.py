@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,6 +109,28 @@ def test_keep_alive_over_tls(
             conn.close()
     assert statuses == [200] * 5
     assert proxy.stats.snapshot()["http.ingress.downstream_cx_total"] == 1
+
+
+def test_a_request_head_in_pieces_over_tls(
+    pki: Pki, upstream: EchoUpstream, processor: ScriptedProcessor
+) -> None:
+    """A head that arrives after the handshake, and in two TLS records, waits for the rest
+    (the worker's read finds no bytes, or half a head, and must not take that as an error)."""
+    head = b"GET /pieces HTTP/1.1\r\nhost: localhost\r\n"
+    with tls_proxy(pki, upstream, processor) as proxy:
+        raw = socket.create_connection(proxy.address, timeout=30)
+        with client_context(pki).wrap_socket(raw, server_hostname="localhost") as tls:
+            # The pauses only make the split likely; the outcome must be 200 either way.
+            time.sleep(0.3)
+            tls.sendall(head)
+            time.sleep(0.3)
+            tls.sendall(b"\r\n")
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = tls.recv(65536)
+                assert chunk, f"closed after {reply!r}"
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ")
 
 
 def test_client_certificate_required_with_tls_client_ca(

@@ -147,3 +147,12 @@ def test_metadata_header_flag(served: Served) -> None:
         "ns=bad name",
     )
     assert bad.exit_code == cli.EXIT_CONFIG and "--metadata-header" in bad.output
+
+
+def test_max_connections_flag(served: Served) -> None:
+    base = ("--listen", ":1", "--upstream", "127.0.0.1:2", "--processor", "h:1")
+    assert invoke(*base).exit_code == 0
+    assert invoke(*base, "--max-connections", "500").exit_code == 0
+    assert [c.max_connections for c in served] == [0, 500]
+    refused = invoke(*base, "--max-connections", "-1")
+    assert refused.exit_code == 2 and "--max-connections" in refused.output

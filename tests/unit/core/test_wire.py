@@ -230,3 +230,43 @@ def test_body_framing_from_headers() -> None:
     assert wire.request_body_framing([]) == (False, 0)
     assert wire.response_body_length([(b"content-length", b"7")]) == 7
     assert wire.response_body_length([]) is None
+
+
+GOOD = [(b"host", b"a.example"), (b"content-length", b"3")]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "version", "status"),
+    [
+        (b"GET", b"/ok", GOOD, b"1.1", None),
+        (b"GET", b"http://a.example/x", GOOD, b"1.1", None),
+        (b"OPTIONS", b"*", GOOD, b"1.1", None),
+        (b"GET", b"/ok", [(b"x", b"a\tb\x80")], b"1.0", None),
+        (b"GET", b"/", GOOD, b"2.0", 505),
+        (b"GET", b"/", GOOD, b"1.2", 505),
+        (b"CONNECT", b"a.example:443", GOOD, b"1.1", 405),
+        (b"GET", b"*", GOOD, b"1.1", 400),
+        (b"GET", b"relative", GOOD, b"1.1", 400),
+        (b"GET", b"ftp://a.example/", GOOD, b"1.1", 400),
+        (b"GET", b"/a#frag", GOOD, b"1.1", 400),
+        (b"GET", b"/a\x01", GOOD, b"1.1", 400),
+        (b"GET", b"/", [(b"x", b"a\x01b")], b"1.1", 400),
+        (b"GET", b"/", [(b"x", b"a\x7fb")], b"1.1", 400),
+        (b"GET", b"/", [(b"host", b"a b/c")], b"1.1", 400),
+        (b"GET", b"/", [(b"x", b"v")] * 101, b"1.1", 431),
+        (b"GET", b"/", [(b"x", b"v")] * 100, b"1.1", None),
+        (b"GET", b"/", [(b"x", b"v" * 61440)], b"1.1", 431),
+        (b"POST", b"/", [*GOOD, (b"transfer-encoding", b"chunked")], b"1.1", 400),
+        (b"POST", b"/", [(b"transfer-encoding", b"chunked")], b"1.0", 400),
+        (b"POST", b"/", [(b"transfer-encoding", b"chunked")], b"1.1", None),
+    ],
+)
+def test_refuse_request(
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    version: bytes,
+    status: int | None,
+) -> None:
+    refusal = wire.refuse_request(method, target, headers, version, 100, 60 * 1024)
+    assert (refusal.status if refusal else None) == status
