@@ -52,6 +52,7 @@ _STATS_TIMEOUT = 2.0
 _EXIT_GRACE = 5.0
 _TICK = 1.0
 _STATS_REPLY = b"stats\n"
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
 def pin_to_cpu(index: int) -> int:
@@ -203,9 +204,13 @@ class Supervisor:
         except OSError as err:
             self._spawn_failed(index, err)
             return
+        # Held back across the fork: a signal the child got before it installs its own handlers
+        # would run the supervisor's copy there and be lost (a SIGTERM, say).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         try:
             pid = os.fork()
         except OSError as err:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             ours.close()
             theirs.close()
             self._spawn_failed(index, err)
@@ -219,6 +224,7 @@ class Supervisor:
                 log.exception("worker_failed", index=index)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         worker = _Worker(index, pid, ours, time.monotonic())
         self._workers[pid] = worker
@@ -234,7 +240,7 @@ class Supervisor:
 
     def _worker_main(self, index: int, control: socket.socket) -> int:
         """In the forked child: drop what is the supervisor's, then serve until told to stop."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in _HANDLED:
             signal.signal(signum, signal.SIG_DFL)
         self._selector.close()
         self._wake_r.close()
@@ -265,6 +271,7 @@ class Supervisor:
             control=control,
         )
         install_signals(server.queue_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)  # what came meanwhile, now
         server.serve_forever()
         return 0
 
