@@ -257,8 +257,8 @@ def _network_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--upstream-ejection-time",
             default="30s",
             callback=_duration("--upstream-ejection-time"),
-            help="An upstream that fails to connect is skipped this long, doubled on each"
-            " failure in a row (Envoy's base_ejection_time).",
+            help="An upstream that fails to connect is skipped this long times its ejections"
+            " in a row (Envoy's base_ejection_time).",
         ),
         click.option(
             "--upstream-max-ejection-time",

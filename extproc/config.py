@@ -62,7 +62,7 @@ class InheritedSocket:
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     """The upstream addresses, balanced round robin; one that fails to connect is ejected for
-    ``ejection_time`` seconds, doubled for each ejection in a row up to ``max_ejection_time``."""
+    ``ejection_time`` seconds times its ejections in a row, at most ``max_ejection_time``."""
 
     addresses: tuple[Address, ...]
     connect_timeout: float = 5.0
@@ -86,7 +86,6 @@ class ListenerTls:
     """TLS on the listener: the server context, loaded from the PEM files at start-up."""
 
     context: ssl.SSLContext
-    client_certificates: bool = False  # required (mTLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,4 +609,4 @@ def _listener_tls(flags: Overrides) -> ListenerTls | None:
         except (OSError, ssl.SSLError) as err:
             detail = f"cannot load {flags.tls_client_ca}: {err}"
             raise ConfigError("--tls-client-ca", detail) from err
-    return ListenerTls(context, client_certificates=flags.tls_client_ca is not None)
+    return ListenerTls(context)
