@@ -8,6 +8,7 @@ while the exchange wants it, otherwise wait for the processor. Every wait has a 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import socket
@@ -47,6 +48,9 @@ from extproc.models import Headers
 access_log = structlog.get_logger("extproc.access")
 
 UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+# The most request body read (and dropped, never held) in the hope of keeping a connection
+# the proxy answered without its body: past this, it is closed instead.
+_DROP_LIMIT = 1024 * 1024
 # How long a worker keeps an idle keep-alive connection, when workers are to spare, before
 # handing it back to the acceptor: a client's next request usually follows within a
 # round trip, and serving it on the same thread saves two thread hand-offs and four syscalls.
@@ -399,7 +403,19 @@ class _RequestRun:
             self.local = action
         elif isinstance(action, RespondFromProxy):
             self.proxy_response = _ProxyResponse(action.status, action.body)
-            self.close_after = True  # the rest of the request body is not read
+
+    def _drop_sent_request_body(self) -> None:
+        """Read and drop, without waiting, what the client already sent of a request body the
+        proxy answers without (as Envoy's codec consumes what it has read before it answers):
+        a request that ended there keeps its connection."""
+        conn = self.down.conn
+        dropped = 0
+        with contextlib.suppress(h11.RemoteProtocolError, OSError):
+            while conn.h11.their_state is not h11.DONE:
+                event = conn.poll_event()
+                if not isinstance(event, h11.Data) or dropped > _DROP_LIMIT:
+                    break
+                dropped += len(event.data)
 
     # Forwarding -------------------------------------------------------------------------
 
@@ -573,6 +589,8 @@ class _RequestRun:
         if end_of_stream and allowed:
             length = 0
         status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
+        if self.proxy_response is not None:
+            self._drop_sent_request_body()
         if self.down.conn.h11.their_state is not h11.DONE:
             # The request body was not read (local reply): the connection cannot be reused.
             wire_headers.append((b"connection", b"close"))

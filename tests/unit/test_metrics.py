@@ -368,10 +368,10 @@ http.ingress.downstream_rq_total: 0
 {p}streams_failed: 0
 {p}streams_started: 0
 http.ingress.rs_too_large: 0
+listener.ingress.downstream_cx_overflow: 0
 server.reload_failures: 0
 server.reloads: 0
 server.worker_restarts: 0
-listener.ingress.downstream_cx_overflow: 0
 cluster.upstream.upstream_rq_time: No recorded values
 http.ingress.downstream_rq_time: No recorded values
 {p}processor_time: No recorded values
