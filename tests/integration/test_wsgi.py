@@ -371,6 +371,25 @@ def test_unread_body_is_drained_through_the_processor() -> None:
     assert sent[-1].end_of_stream
 
 
+def test_wsgi_input_lines() -> None:
+    """wsgi.input's readline, readlines and iteration (PEP 3333) over a processed body."""
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        stream = environ["wsgi.input"]
+        seen.append([stream.readline(), stream.readline(3), stream.readlines(1), list(stream)])
+        start_response("204 No Content", [])
+        return []
+
+    body = b"one\ntwo\nthree\nfour\nfive"
+    with (
+        ScriptedProcessor(UPPER) as proc,
+        serving(app, config(proc, request_body_mode="STREAMED")) as address,
+    ):
+        assert request(address, "POST", "/", body=body).status == 204
+    assert seen == [[b"ONE\n", b"TWO", [b"\n"], [b"THREE\n", b"FOUR\n", b"FIVE"]]]
+
+
 # Failures -----------------------------------------------------------------------------------
 
 

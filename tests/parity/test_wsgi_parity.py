@@ -4,7 +4,8 @@ The three parity suites (headers, bodies, control) each run a scenario through o
 given as a factory; here the same scenarios, tables, upstreams, clients and normalisation run
 through extproc's proxy (``running_proxy``) and through the middleware, served by wsgiref
 around :class:`tests.support.wsgi_relay.RelayApp`, an app that hands the upstream the request
-it was given and the server the upstream's answer. No Envoy is needed: the proxy side is the
+it was given and the server the upstream's answer (wsgiref reads a chunked upload as gunicorn
+does there: de-chunked, with wsgi.input_terminated). No Envoy is needed: the proxy side is the
 reference, itself held to Envoy by those suites.
 
 What the client got, what the upstream (so the app) got, what the processor saw in order and,
