@@ -4,26 +4,32 @@ The same :class:`extproc.core.exchange.Exchange` as the proxy decides everything
 only translates WSGI to its events and its actions back to WSGI, as ``extproc.io.driver`` does
 for sockets:
 
-* the request phase runs to its end before the app is called: the body the exchange forwards
-  is collected and handed to the app as a new ``wsgi.input``. When no request body message can
-  be due (body mode NONE, no mode override, not observing) the original ``wsgi.input`` is
-  handed over unread, so uploads stream into the app as without the middleware;
+* the request phase runs until the exchange forwards the request head; the app is then
+  called, and its ``wsgi.input`` (:class:`RequestInput`) pulls the body through the exchange
+  as the app reads, so NONE, STREAMED and FULL_DUPLEX_STREAMED bodies stream into the app
+  (BUFFERED ones come whole, as upstream). What the app leaves unread still goes through the
+  exchange when it returns, as the proxy reads a request to its end, and is dropped. The app
+  gets CONTENT_LENGTH when the proxy would send a Content-Length upstream, else none, with
+  ``wsgi.input_terminated``;
 * the response phase runs inside the iterable returned to the server, so ``start_response`` is
   called only once the exchange releases the head, and body pieces are yielded as the exchange
-  forwards them (NONE and STREAMED stay streaming; BUFFERED holds the body, as in Envoy).
+  forwards them (NONE and STREAMED stay streaming; BUFFERED holds the body, as in Envoy);
+* each request ends in the proxy's access-log line and stats
+  (:func:`extproc.io.session.record_request`).
 
 What WSGI cannot carry: trailers (none come in; response trailers are dropped), a message
 deadline while blocked reading ``wsgi.input`` or the app's iterable (it is checked after each
-piece), and a local reply after the response head went out (Envoy resets the stream; here the
-iterable raises, so the server aborts the connection).
+piece), and a local reply after the first response body piece went out (Envoy resets the
+stream; here the iterable raises, so the server aborts the connection). Before that piece, the
+server has not sent the head, and the local reply replaces it.
 """
 
 from __future__ import annotations
 
 import datetime
-import io
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,8 +37,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
-
-from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 
 from extproc.config import (
     Overrides,
@@ -43,7 +47,7 @@ from extproc.config import (
     load_file,
     parse_file_data,
 )
-from extproc.core import attributes, modes, wire
+from extproc.core import attributes, wire
 from extproc.core.events import (
     Action,
     BodyReceived,
@@ -57,7 +61,8 @@ from extproc.core.events import (
 from extproc.core.exchange import Exchange
 from extproc.core.settings import ExchangeSettings
 from extproc.io.processor import ProcessorClient
-from extproc.io.session import ProcessorSession
+from extproc.io.session import ProcessorSession, RequestFacts, record_request
+from extproc.metrics import Stats
 from extproc.models import Header, Headers
 
 __all__ = ["ExtProcMiddleware", "WsgiConfig"]
@@ -66,7 +71,6 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Callable[[bytes], object]]
 
 READ_SIZE = 64 * 1024
-# As in the proxy: an untimed wait (FULL_DUPLEX_STREAMED) still has a bound.
 
 # build_config wants a listener and an upstream; WSGI has neither, so these are never used.
 _NO_LISTEN = "127.0.0.1:0"
@@ -77,6 +81,12 @@ class ExchangeAborted(Exception):
     """The response cannot be completed (a local reply after its head went out)."""
 
 
+class RequestStopped(ExchangeAborted):
+    """Raised to the app reading wsgi.input: ext_proc answered the request (an immediate
+    response, an error, a body over the limit), so the rest of the body will not come. The
+    app's answer, if it makes one, is dropped for ext_proc's."""
+
+
 @dataclass(frozen=True, slots=True)
 class WsgiConfig:
     """The ext_proc filter settings and processor of a middleware; per-path routes too."""
@@ -84,10 +94,12 @@ class WsgiConfig:
     exchange: ExchangeSettings
     processor: ProcessorSettings
     routes: tuple[Route, ...] = ()
+    # ExternalProcessor.stat_prefix: the ext_proc stats are http.ingress.ext_proc.<it>.*
+    stat_prefix: str = ""
 
     @classmethod
     def from_proxy_config(cls, config: ProxyConfig) -> WsgiConfig:
-        return cls(config.exchange, config.processor, config.routes)
+        return cls(config.exchange, config.processor, config.routes, config.stat_prefix)
 
     @classmethod
     def from_dict(
@@ -120,13 +132,21 @@ class WsgiConfig:
 
 
 class ExtProcMiddleware:
-    """Wraps a WSGI app; each request runs one ext_proc exchange with the processor."""
+    """Wraps a WSGI app; each request runs one ext_proc exchange with the processor.
 
-    def __init__(self, app: WsgiApp, config: WsgiConfig | ProxyConfig) -> None:
+    Each request ends in the proxy's access-log line (structlog logger ``extproc.access``)
+    and is counted in :attr:`stats`, the proxy's :class:`~extproc.metrics.Stats` (Envoy's
+    ext_proc counters): pass one to share it, e.g. with an admin endpoint of the host's.
+    """
+
+    def __init__(
+        self, app: WsgiApp, config: WsgiConfig | ProxyConfig, *, stats: Stats | None = None
+    ) -> None:
         if isinstance(config, ProxyConfig):
             config = WsgiConfig.from_proxy_config(config)
         self.app = app
         self.config = config
+        self.stats = stats if stats is not None else Stats(config.stat_prefix)
         self._lock = threading.Lock()
         self._clients: dict[ProcessorSettings, ProcessorClient] = {}
         self._pid = os.getpid()
@@ -258,10 +278,9 @@ class _Run:
         self.session = ProcessorSession(self.exchange, self._client, self._forward)
         self.local: RespondLocally | None = None
         self.proxy_response: tuple[int, bytes] | None = None
-        self.request_head: Headers | None = None
-        self.request_body = bytearray()
-        self.pass_input = False  # hand the app the original wsgi.input, unread
-        self.input_read = False
+        self.request_head: ForwardHeaders | None = None
+        self.request_body = bytearray()  # forwarded, not yet read by the app
+        self.app_reading = True  # False once the app returned: the rest is drained
         self.input_left: int | None = None
         self.out: deque[bytes] = deque()
         self.head_sent = False
@@ -270,13 +289,11 @@ class _Run:
         self.app_status: tuple[int, list[Header]] | None = None
         self.app_written: list[bytes] = []
         self.finished = False
-        mode: ProcessingMode = settings.processing_mode
-        # No request body message can be due: the body need not go through the exchange.
-        self.request_passthrough = (
-            mode.request_body_mode == modes.NONE
-            and not settings.allow_mode_override
-            and not settings.observability_mode
-        )
+        self.started = time.monotonic()
+        self.status = 0  # sent to the server's start_response
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.app_time = 0.0  # calling the app, until its start_response
 
     # The request phase ----------------------------------------------------------------
 
@@ -289,12 +306,55 @@ class _Run:
         has_body = bool(length) or chunked
         self.input_left = length if not chunked else None
         self.session.feed(HeadersReceived(Direction.REQUEST, self.request, not has_body))
-        self._run_direction(Direction.REQUEST, self._read_input)
+        # Until the head can go to the app; the body then streams to it as it reads.
+        while self.request_head is None and self._request_step():
+            pass
+
+    def _request_step(self) -> bool:
+        if self.proxy_response is not None:
+            return False  # the proxy answers (413): the app gets no more of the body
+        return self._step(Direction.REQUEST, self._read_input)
+
+    def _step(self, direction: Direction, read: Callable[[], BodyPiece]) -> bool:
+        """One turn of a direction: read a piece, or wait for the processor; False once the
+        direction has nothing more to do."""
+        if not self._going(direction):
+            return False
+        # Replies first: the next piece may be slow to come (the client's upload, the app's
+        # stream of events) and what is already read, or the head the app waits for, must
+        # not wait for it.
+        self.session.turn(direction, lambda: self._read_into(direction, read), reply_first=True)
+        return True
+
+    def read_body(self, size: int, line: bool = False) -> bytes:
+        """Up to ``size`` bytes (all when negative; up to a newline with ``line``) of the
+        body as forwarded: what wsgi.input reads, pulled through the exchange on demand."""
+        body = self.request_body
+        while (
+            (size < 0 or len(body) < size) and not (line and b"\n" in body) and self._request_step()
+        ):
+            pass
+        if self.local is not None or self.proxy_response is not None:
+            raise RequestStopped("the request was answered by ext_proc while the app read it")
+        end = len(body) if size < 0 else min(size, len(body))
+        if line and (newline := body.find(b"\n", 0, end)) >= 0:
+            end = newline + 1
+        data = bytes(body[:end])
+        del body[:end]
+        return data
+
+    def finish_request(self) -> None:
+        """The app is done with wsgi.input: the rest goes through the exchange (as the
+        proxy reads a request to its end) and is dropped."""
+        self.app_reading = False
+        self.request_body.clear()
+        while self._request_step():
+            pass
 
     def _read_input(self) -> BodyPiece:
         size = READ_SIZE if self.input_left is None else min(READ_SIZE, self.input_left)
         data: bytes = self.environ["wsgi.input"].read(size) if size else b""
-        self.input_read = self.input_read or bool(data)
+        self.bytes_in += len(data)
         if self.input_left is not None:
             if size and not data:
                 raise ExchangeAborted("the client closed before sending the whole body")
@@ -303,18 +363,37 @@ class _Run:
         return data, not data
 
     def app_environ(self) -> dict[str, Any]:
-        assert self.request_head is not None
-        environ = environ_with(self.environ, self.request_head)
+        head = self.request_head
+        assert head is not None
+        environ = environ_with(self.environ, head.headers)
         environ.pop("HTTP_TRANSFER_ENCODING", None)
-        if not self.pass_input:
-            environ["wsgi.input"] = io.BytesIO(bytes(self.request_body))
-            environ["CONTENT_LENGTH"] = str(len(self.request_body))
-            environ["wsgi.input_terminated"] = True
+        environ["wsgi.input"] = RequestInput(self)
+        # Framed as the proxy frames it upstream (wire.request_to_wire): a length when it is
+        # known, else the input reads to its end; a bodiless request keeps only a length 0.
+        environ["wsgi.input_terminated"] = not head.end_of_stream
+        if head.end_of_stream:
+            if "CONTENT_LENGTH" in environ:
+                environ["CONTENT_LENGTH"] = "0"
+        elif head.body_length is not None:
+            environ["CONTENT_LENGTH"] = str(head.body_length)
+        else:
+            environ.pop("CONTENT_LENGTH", None)
         return environ
 
     # The response phase ---------------------------------------------------------------
 
     def call_app(self) -> None:
+        started = time.monotonic()
+        try:
+            self._call_app()
+        except RequestStopped:
+            if self.local is None and self.proxy_response is None:
+                raise
+        finally:
+            self.app_time = time.monotonic() - started
+        self.finish_request()
+
+    def _call_app(self) -> None:
         result = self.mw.app(self.app_environ(), self._app_start_response)
         self.app_result = result
         self.app_iter = iter(result)
@@ -342,17 +421,16 @@ class _Run:
         return self.app_written.append  # the legacy write(): its data precedes the iterable
 
     def response(self) -> Iterator[bytes]:
+        if self.local is None and self.proxy_response is None:
+            self.call_app()
+        if self.local is None and self.proxy_response is not None:
+            # The proxy's own reply (413) replaces whatever the app answered.
+            self._close_app()
+            status, body = self.proxy_response
+            head = [(b"content-length", str(len(body)).encode()), (b"content-type", b"text/plain")]
+            self.app_written, self.app_iter = [body], None
+            self.app_status = (status, head)
         if self.local is None:
-            if self.proxy_response is not None:
-                status, body = self.proxy_response
-                head = [
-                    (b"content-length", str(len(body)).encode()),
-                    (b"content-type", b"text/plain"),
-                ]
-                self.app_written = [body]
-                self.app_status = (status, head)
-            else:
-                self.call_app()
             assert self.app_status is not None
             status, head = self.app_status
             allowed = wire.response_may_have_body(status, self.method)
@@ -361,19 +439,8 @@ class _Run:
             self.session.feed(
                 HeadersReceived(Direction.RESPONSE, headers, not allowed or length == 0)
             )
-            ex = self.exchange
-            while self._going(Direction.RESPONSE):
+            while self._step(Direction.RESPONSE, self._read_app):
                 yield from self._drain_out()
-                if ex.awaiting_reply and ex.timer_running:
-                    # The answer to a piece first: the app's next piece may be slow to come
-                    # (a stream of events), and what it already gave must not wait for it.
-                    self.session.wait_reply(self.session.time_left())
-                elif ex.wants_input(Direction.RESPONSE):
-                    self._read_into(Direction.RESPONSE, self._read_app)
-                elif ex.awaiting_reply:
-                    self.session.wait_reply(self.session.time_left())
-                else:
-                    raise RuntimeError("exchange stuck in the response direction")
             yield from self._drain_out()
         if self.local is not None:
             yield from self._reply_locally(self.local)
@@ -390,39 +457,37 @@ class _Run:
 
     def _drain_out(self) -> Iterator[bytes]:
         while self.out:
-            yield self.out.popleft()
+            data = self.out.popleft()
+            self.bytes_out += len(data)
+            yield data
 
     def _reply_locally(self, reply: RespondLocally) -> Iterator[bytes]:
-        if self.head_sent:
-            raise ExchangeAborted(f"local reply after the response started: {reply.details}")
+        aborted = ExchangeAborted(f"local reply after the response started: {reply.details}")
+        if self.bytes_out:
+            raise aborted
         allowed = wire.response_may_have_body(reply.status, self.method)
-        self._send_head(reply.headers, len(reply.body) if allowed else 0, allowed)
+        # The server sends the head with the first body piece: until then start_response
+        # may replace it (with exc_info, PEP 3333), so the local reply still goes out whole,
+        # where the proxy, its head already on the wire, can only reset.
+        exc_info = (type(aborted), aborted, None) if self.head_sent else None
+        self._send_head(reply.headers, len(reply.body) if allowed else 0, allowed, exc_info)
         if allowed and reply.body:
+            self.bytes_out += len(reply.body)
             yield reply.body
 
-    def _send_head(self, headers: Headers, length: int | None, allowed: bool) -> None:
+    def _send_head(
+        self, headers: Headers, length: int | None, allowed: bool, exc_info: Any = None
+    ) -> None:
         status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
+        self.status = status
         self.start_response(
             f"{status} {reason.decode()}".strip(),
             [(n.decode("latin-1"), v.decode("latin-1")) for n, v in wire_headers],
+            exc_info,
         )
         self.head_sent = True
 
     # The exchange loop, as extproc.io.driver's --------------------------------------------
-
-    def _run_direction(self, direction: Direction, read: Callable[[], BodyPiece]) -> None:
-        ex = self.exchange
-        while self._going(direction):
-            if direction is Direction.REQUEST and (
-                self.proxy_response is not None or self.pass_input
-            ):
-                return
-            if ex.wants_input(direction):
-                self._read_into(direction, read)
-            elif ex.awaiting_reply:
-                self.session.wait_reply(self.session.time_left())
-            else:
-                raise RuntimeError(f"exchange stuck in the {direction.value} direction")
 
     def _going(self, direction: Direction) -> bool:
         """Whether the direction still has work: input is read to its end even once the
@@ -468,19 +533,13 @@ class _Run:
             value = self.exchange.metadata_json(namespace)
             if value is not None:
                 action.headers.set(header, value.encode())
-        self.request_head = action.headers
-        if (
-            not action.end_of_stream
-            and not self.input_read
-            and (self.request_passthrough or self.exchange.complete)
-        ):
-            # Nothing more for the processor and nothing read yet: the app reads the body
-            # itself, streaming, as it would without the middleware.
-            self.pass_input = True
+        self.request_head = action
+        self.method = action.headers.get(b":method") or self.method
 
     def _forward_body(self, action: ForwardBody) -> None:
         if action.direction is Direction.REQUEST:
-            self.request_body += action.data
+            if self.app_reading:
+                self.request_body += action.data
         elif action.data:
             self.out.append(action.data)
 
@@ -490,13 +549,66 @@ class _Run:
             return
         self.finished = True
         try:
-            close = getattr(self.app_result, "close", None)
-            if close is not None:
-                close()
+            self._close_app()
         finally:
             if self.exchange.observing and self.client is not None:
                 self.session.close_later(self.client)
             self.session.close()
+            self._record()
+
+    def _close_app(self) -> None:
+        result, self.app_result = self.app_result, None
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+
+    def _record(self) -> None:
+        proxy_status = self.proxy_response[0] if self.proxy_response is not None else None
+        record_request(
+            self.mw.stats,
+            self.session,
+            RequestFacts(
+                method=self.request.get(b":method") or b"GET",
+                path=self.request.get(b":path") or b"/",
+                status=self.status,
+                request_id=self.request.get(b"x-request-id") or b"",
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                started=self.started,
+                upstream_time=self.app_time,
+                upstream_answered=self.app_status is not None and proxy_status is None,
+                local_reply=self.local is not None,
+                request_too_large=proxy_status == 413,
+            ),
+        )
+
+
+class RequestInput:
+    """wsgi.input for the app: the request body as ext_proc forwards it, pulled through the
+    exchange as the app reads, so a streamed body is never held whole (PEP 3333 stream)."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._run.read_body(-1 if size is None else size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._run.read_body(-1 if size is None else size, line=True)
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
 
 
 class _Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import itertools
 import socket
 import threading
@@ -19,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import h11
-import structlog
-from google.protobuf import json_format
 
 from extproc.config import ProcessorSettings, ProxyConfig
 from extproc.core import attributes, wire
@@ -40,12 +39,10 @@ from extproc.core.exchange import Exchange
 from extproc.errors import UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient
-from extproc.io.session import ProcessorSession
+from extproc.io.session import ProcessorSession, RequestFacts, record_request
 from extproc.io.upstream import UpstreamPool
-from extproc.metrics import ExchangeFacts, Stats, record_exchange
+from extproc.metrics import Stats
 from extproc.models import Headers
-
-access_log = structlog.get_logger("extproc.access")
 
 UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # The most request body read (and dropped, never held) in the hope of keeping a connection
@@ -55,8 +52,6 @@ _DROP_LIMIT = 1024 * 1024
 # handing it back to the acceptor: a client's next request usually follows within a
 # round trip, and serving it on the same thread saves two thread hand-offs and four syscalls.
 KEEPALIVE_LINGER = 0.05
-# An untimed wait (FULL_DUPLEX_STREAMED replies) still has a bound: nothing hangs.
-
 
 BodyPiece = tuple[bytes, bool, list[tuple[bytes, bytes]] | None]
 
@@ -355,16 +350,12 @@ class _RequestRun:
 
     def _run_direction(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
         ex = self.exchange
+        read_piece = functools.partial(self._read_into, direction, read)
         # Input is read to its end even once the output is done: a replaced body is drained.
         while self.local is None and (not ex.output_done(direction) or ex.wants_input(direction)):
             if direction is Direction.REQUEST and self.proxy_response is not None:
                 return  # the upstream is gone: nothing more to send it
-            if ex.wants_input(direction):
-                self._read_into(direction, read)
-            elif ex.awaiting_reply:
-                self.session.wait_reply(self.session.time_left())
-            else:
-                raise RuntimeError(f"exchange stuck in the {direction.value} direction")
+            self.session.turn(direction, read_piece, reply_first=False)
 
     def _read_into(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
         left = self.session.time_left()
@@ -617,15 +608,6 @@ class _RequestRun:
             and self.exchange.forwards_body_as_read(Direction.RESPONSE)
         )
 
-    def _metadata_fields(self) -> dict[str, Any]:
-        """The request's dynamic metadata for the access log, when a processor set some."""
-        metadata = self.exchange.dynamic_metadata
-        if not metadata:
-            return {}
-        return {
-            "dynamic_metadata": {ns: json_format.MessageToDict(v) for ns, v in metadata.items()}
-        }
-
     def finish(self) -> None:
         """Release everything the request held and write its access-log entry."""
         if self.exchange.observing:
@@ -634,37 +616,24 @@ class _RequestRun:
         if self.upstream is not None:
             self.gen.pool.release(self.upstream)
             self.upstream = None
-        outcome = self.exchange.outcome
-        access_log.info(
-            "request",
-            method=self.request.method.decode("latin-1"),
-            path=self.request.target.decode("latin-1"),
-            status=self.stats.status,
-            request_id=self.request_id.decode("latin-1"),
-            bytes_in=self.stats.bytes_in,
-            bytes_out=self.stats.bytes_out,
-            duration_ms=round((time.monotonic() - self.stats.start) * 1000, 3),
-            upstream_ms=round(self.stats.upstream * 1000, 3),
-            processor_ms=round(self.session.processor_time * 1000, 3),
-            processor_phases_ms={
-                phase: round(t * 1000, 3) for phase, t in self.session.phase_times.items()
-            },
-            details=outcome.details,
-            failed_open=outcome.failed_open,
-            **self._metadata_fields(),
-        )
-        upstream_answered = self.upstream_request is not None and self.proxy_response is None
-        record_exchange(
+        record_request(
             self.h.stats,
-            ExchangeFacts.from_outcome(
-                outcome,
+            self.session,
+            RequestFacts(
+                method=self.request.method,
+                path=self.request.target,
+                status=self.stats.status,
+                request_id=self.request_id,
+                bytes_in=self.stats.bytes_in,
+                bytes_out=self.stats.bytes_out,
+                started=self.stats.start,
+                upstream_time=self.stats.upstream,
+                upstream_answered=(
+                    self.upstream_request is not None and self.proxy_response is None
+                ),
                 local_reply=self.local is not None,
                 request_too_large=(
                     self.proxy_response is not None and self.proxy_response.status == 413
                 ),
-                status=self.stats.status,
-                duration=time.monotonic() - self.stats.start,
-                upstream_time=self.stats.upstream if upstream_answered else None,
-                processor_time=self.session.processor_time,
             ),
         )

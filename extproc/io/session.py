@@ -2,17 +2,25 @@
 
 It owns the exchange's Process stream, the message deadline and the feeding of events into the
 :class:`~extproc.core.exchange.Exchange`; the actions that concern the HTTP side (forward a
-head, a body piece or trailers, answer locally) go to the caller's ``forward`` callback.
+head, a body piece or trailers, answer locally) go to the caller's ``forward`` callback. When
+the request is over, :func:`record_request` writes the access-log line and counts the stats,
+the same for both, so an operator reads a middleware as a proxy.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from google.protobuf import json_format
 
 from extproc.core.events import (
     Action,
     CloseStream,
+    Direction,
     Event,
     MessageTimedOut,
     ProcessorClosed,
@@ -23,6 +31,9 @@ from extproc.core.events import (
 from extproc.core.exchange import Exchange
 from extproc.errors import ProcessorStreamError, ProcessorTimeout
 from extproc.io.processor import ProcessorClient, ProcessorStream
+from extproc.metrics import ExchangeFacts, Stats, record_exchange
+
+access_log = structlog.get_logger("extproc.access")
 
 # An untimed wait (FULL_DUPLEX_STREAMED replies) still has a bound: nothing hangs.
 UNTIMED_WAIT = 300.0
@@ -70,6 +81,21 @@ class ProcessorSession:
                 self._forward(action)
         if self.stream is not None and self.exchange.streams_replies:
             self.stream.start_pump()
+
+    def turn(self, direction: Direction, read: Callable[[], None], reply_first: bool) -> None:
+        """One turn of a direction's loop: ``read`` a piece of input while the exchange wants
+        it, else wait for the processor. With ``reply_first`` a timed reply is awaited before
+        more input is read (for input that may be slow to come and must not hold up what was
+        already read)."""
+        ex = self.exchange
+        if reply_first and ex.awaiting_reply and ex.timer_running:
+            self.wait_reply(self.time_left())
+        elif ex.wants_input(direction):
+            read()
+        elif ex.awaiting_reply:
+            self.wait_reply(self.time_left())
+        else:
+            raise RuntimeError(f"exchange stuck in the {direction.value} direction")
 
     def time_left(self) -> float:
         if self.deadline is None:
@@ -123,3 +149,62 @@ class ProcessorSession:
         stream, self.stream = self.stream, None
         if stream is not None:
             client.watchdog.arm(self.exchange.settings.deferred_close_timeout, stream.close)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the HTTP side knows of a finished request, for its log line and stats."""
+
+    method: bytes
+    path: bytes
+    status: int  # sent to the client; 0 when nothing was
+    request_id: bytes
+    bytes_in: int
+    bytes_out: int
+    started: float  # time.monotonic() when the request began
+    upstream_time: float  # until the upstream's (or the app's) response head
+    upstream_answered: bool
+    local_reply: bool  # a RespondLocally was carried out
+    request_too_large: bool  # answered 413 for the request body
+
+
+def record_request(stats: Stats, session: ProcessorSession, facts: RequestFacts) -> None:
+    """The request's access-log line (``extproc.access``) and its stats."""
+    duration = time.monotonic() - facts.started
+    outcome = session.exchange.outcome
+    access_log.info(
+        "request",
+        method=facts.method.decode("latin-1"),
+        path=facts.path.decode("latin-1"),
+        status=facts.status,
+        request_id=facts.request_id.decode("latin-1"),
+        bytes_in=facts.bytes_in,
+        bytes_out=facts.bytes_out,
+        duration_ms=round(duration * 1000, 3),
+        upstream_ms=round(facts.upstream_time * 1000, 3),
+        processor_ms=round(session.processor_time * 1000, 3),
+        processor_phases_ms={phase: round(t * 1000, 3) for phase, t in session.phase_times.items()},
+        details=outcome.details,
+        failed_open=outcome.failed_open,
+        **_metadata_fields(session.exchange),
+    )
+    record_exchange(
+        stats,
+        ExchangeFacts.from_outcome(
+            outcome,
+            local_reply=facts.local_reply,
+            request_too_large=facts.request_too_large,
+            status=facts.status,
+            duration=duration,
+            upstream_time=facts.upstream_time if facts.upstream_answered else None,
+            processor_time=session.processor_time,
+        ),
+    )
+
+
+def _metadata_fields(exchange: Exchange) -> dict[str, Any]:
+    """The request's dynamic metadata for the access log, when a processor set some."""
+    metadata = exchange.dynamic_metadata
+    if not metadata:
+        return {}
+    return {"dynamic_metadata": {ns: json_format.MessageToDict(v) for ns, v in metadata.items()}}

@@ -3,21 +3,23 @@ gRPC processor."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
+import h11
 import pytest
 
 from extproc import ExtProcMiddleware, WsgiConfig
-from extproc.wsgi import environ_with, request_headers
-from tests.support.bodies import duplex, transform
+from extproc.demo.upstream import pattern
+from extproc.wsgi import RequestStopped, environ_with, request_headers
+from tests.support.bodies import body_reply, duplex, duplex_per_chunk, streamed_body, transform
+from tests.support.gunicorn import running_gunicorn
 from tests.support.processor import (
     ProcessorStream,
     ScriptedProcessor,
@@ -26,20 +28,12 @@ from tests.support.processor import (
     mutate_headers,
 )
 from tests.support.proxy import request
+from tests.support.wsgi_relay import serving_wsgi
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 10.0
 UPPER = transform(bytes.upper)
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
-        pass
 
 
 class Counted:
@@ -68,7 +62,7 @@ class App:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         self.calls += 1
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        body = read_body(environ)
         self.seen.append(
             {
                 "method": environ["REQUEST_METHOD"],
@@ -102,23 +96,19 @@ class App:
         yield b"second" if self.gate.wait(TIMEOUT) else b"gate-timeout"
 
 
+def read_body(environ: dict[str, Any]) -> bytes:
+    """As werkzeug reads it: CONTENT_LENGTH bytes, or to the end with wsgi.input_terminated."""
+    length = environ.get("CONTENT_LENGTH")
+    if not length and environ.get("wsgi.input_terminated"):
+        return bytes(environ["wsgi.input"].read())
+    return bytes(environ["wsgi.input"].read(int(length or 0)))
+
+
 @contextmanager
-def serving(app: App, config: WsgiConfig) -> Iterator[tuple[str, int]]:
-    middleware = ExtProcMiddleware(app, config)
-    server = make_server("127.0.0.1", 0, middleware, _Server, _QuietHandler)
-    # A short poll interval only makes shutdown() prompt; requests are served as they come.
-    thread = threading.Thread(
-        target=server.serve_forever, args=(0.05,), name="wsgiref", daemon=True
-    )
-    thread.start()
-    try:
-        host, port = server.server_address[:2]
-        yield str(host), int(port)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(TIMEOUT)
-        middleware.close()
+def serving(app: Any, config: WsgiConfig) -> Iterator[tuple[str, int]]:
+    """The app behind the middleware, served by wsgiref (chunked request bodies too)."""
+    with serving_wsgi(ExtProcMiddleware(app, config)) as address:
+        yield address
 
 
 def config(proc: ScriptedProcessor, **overrides: Any) -> WsgiConfig:
@@ -208,7 +198,9 @@ def test_request_body_transformed(mode: str) -> None:
         reply = request(address, "POST", "/", body=body)
     assert reply.status == 200
     assert app.seen[0]["body"] == body.upper().decode()
-    assert app.seen[0]["content_length"] == str(len(body))
+    # Streamed, the processor may change each piece: the length is unknown until the end, so
+    # the app reads to the end (wsgi.input_terminated), as the proxy sends chunked upstream.
+    assert app.seen[0]["content_length"] == (str(len(body)) if mode == "buffered" else None)
     sent = [m.request_body.body for m in proc.wait_streams(1)[0].requests if m.request_body.body]
     assert b"".join(sent) == body
     assert len(sent) == (1 if mode == "buffered" else -(-len(body) // (64 * 1024)))
@@ -249,6 +241,153 @@ def test_streaming_response_stays_streaming(mode: str) -> None:
     expected = b"second" if mode == "none" else b"SECOND"
     assert expected in received
     assert app.iterables[0].closed == 1
+
+
+class StreamingReader:
+    """Reads wsgi.input in small pieces, signalling the first one, and answers how much it
+    read; ``stop_after`` > 0 answers as soon as that much was read (leaving the rest)."""
+
+    def __init__(self, stop_after: int = 0) -> None:
+        self.first_piece = threading.Event()
+        self.received = bytearray()
+        self.errors: list[BaseException] = []
+        self.stop_after = stop_after
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        stream = environ["wsgi.input"]
+        try:
+            while piece := stream.read(4096):
+                self.received += piece
+                self.first_piece.set()
+                if self.stop_after and len(self.received) >= self.stop_after:
+                    break
+        except Exception as err:
+            self.errors.append(err)
+            raise
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(len(self.received)).encode()]
+
+
+def send_in_two_parts(
+    address: tuple[str, int], first: bytes, rest: bytes, between: threading.Event
+) -> tuple[int, bytes, bool]:
+    """POST a chunked body: ``first``, then, once ``between`` is set (or TIMEOUT), ``rest``.
+    The status and body of the reply, and whether ``between`` was set in time."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        conn = h11.Connection(h11.CLIENT)
+        head = [("host", "example.com"), ("transfer-encoding", "chunked")]
+        sock.sendall(conn.send(h11.Request(method="POST", target="/", headers=head)) or b"")
+        sock.sendall(conn.send(h11.Data(data=first)) or b"")
+        in_time = between.wait(TIMEOUT)
+        with contextlib.suppress(OSError):  # a local reply may close the connection early
+            for start in range(0, len(rest), 64 * 1024):
+                sock.sendall(conn.send(h11.Data(data=rest[start : start + 64 * 1024])) or b"")
+            sock.sendall(conn.send(h11.EndOfMessage()) or b"")
+        status, body = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, bytes(body), in_time
+
+
+def test_streamed_request_body_reaches_the_app_while_it_arrives() -> None:
+    """A body many times the buffer limit: the app reads its first piece before the client
+    sent the rest (the middleware does not collect it), and gets all of it, processed."""
+    first, rest = b"a" * 16 * 1024, pattern(1024 * 1024).lower()
+    app = StreamingReader()
+    overrides = {"request_body_mode": "STREAMED", "buffer_limit_bytes": 1024}
+    with ScriptedProcessor(UPPER) as proc, serving(app, config(proc, **overrides)) as address:
+        status, body, in_time = send_in_two_parts(address, first, rest, app.first_piece)
+    assert in_time, "the app was not called before the whole body arrived"
+    assert (status, body) == (200, str(len(first) + len(rest)).encode())
+    assert bytes(app.received) == (first + rest).upper()
+
+
+def test_full_duplex_request_body_streams_to_the_app() -> None:
+    """FULL_DUPLEX_STREAMED, a body many times the buffer limit, streamed back per piece:
+    the app reads it all, processed. (When the app is called depends on the processor: the
+    head goes on with the first body piece it streams back; README, Embedding.)"""
+    body = pattern(1024 * 1024).lower()
+    app = StreamingReader()
+    sent = threading.Event()
+    sent.set()
+    overrides = {
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "request_trailer_mode": "SEND",
+        "buffer_limit_bytes": 1024,
+    }
+    with (
+        ScriptedProcessor(duplex_per_chunk(bytes.upper)) as proc,
+        serving(app, config(proc, **overrides)) as address,
+    ):
+        status, reply, _ = send_in_two_parts(address, body[:1000], body[1000:], sent)
+    assert (status, reply) == (200, str(len(body)).encode())
+    assert bytes(app.received) == body.upper()
+
+
+def test_app_reading_a_body_the_processor_stops() -> None:
+    """An immediate response to a STREAMED body piece while the app reads: its read raises
+    RequestStopped, and the client gets the immediate response, not the app's answer."""
+
+    def stop_second_piece(stream: ProcessorStream) -> None:
+        pieces = 0
+        while (message := stream.recv()) is not None:
+            if message.WhichOneof("request") == "request_body":
+                pieces += 1
+                if pieces == 2:
+                    stream.send(immediate(413, b"too much", details="stopped"))
+                    continue
+            stream.send(matching_reply(message))
+
+    app = StreamingReader()
+    with (
+        ScriptedProcessor(stop_second_piece) as proc,
+        serving(app, config(proc, request_body_mode="STREAMED")) as address,
+    ):
+        status, body, _ = send_in_two_parts(address, b"x" * 1000, b"y" * 200_000, app.first_piece)
+    assert (status, body) == (413, b"too much")
+    assert [type(e) for e in app.errors] == [RequestStopped]
+
+
+def test_unread_body_is_drained_through_the_processor() -> None:
+    """An app that answers before reading the whole body: the rest still goes through the
+    exchange (the processor sees the body to its end, as behind the proxy), then is dropped."""
+    app = StreamingReader(stop_after=4096)
+    with (
+        ScriptedProcessor(UPPER) as proc,
+        serving(app, config(proc, request_body_mode="STREAMED")) as address,
+    ):
+        status, body, _ = send_in_two_parts(address, b"x" * 4096, b"y" * 300_000, app.first_piece)
+        messages = proc.wait_streams(1)[0].requests
+    assert (status, body) == (200, b"4096")
+    sent = [m.request_body for m in messages if m.HasField("request_body")]
+    assert b"".join(b.body for b in sent) == b"x" * 4096 + b"y" * 300_000
+    assert sent[-1].end_of_stream
+
+
+def test_wsgi_input_lines() -> None:
+    """wsgi.input's readline, readlines and iteration (PEP 3333) over a processed body."""
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        stream = environ["wsgi.input"]
+        seen.append([stream.readline(), stream.readline(3), stream.readlines(1), list(stream)])
+        start_response("204 No Content", [])
+        return []
+
+    body = b"one\ntwo\nthree\nfour\nfive"
+    with (
+        ScriptedProcessor(UPPER) as proc,
+        serving(app, config(proc, request_body_mode="STREAMED")) as address,
+    ):
+        assert request(address, "POST", "/", body=body).status == 204
+    assert seen == [[b"ONE\n", b"TWO", [b"\n"], [b"THREE\n", b"FOUR\n", b"FIVE"]]]
 
 
 # Failures -----------------------------------------------------------------------------------
@@ -360,18 +499,9 @@ def test_script_name_round_trip() -> None:
     assert (out["SCRIPT_NAME"], out["PATH_INFO"]) == ("", "/elsewhere")
 
 
-def test_gunicorn_sync_workers_after_a_preloading_fork(tmp_path: Any) -> None:
+def test_gunicorn_sync_workers_after_a_preloading_fork() -> None:
     """Pre-forking: the app (and the middleware) is built in gunicorn's master, each sync
     worker then opens its own gRPC channel."""
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    if not gunicorn.exists():
-        pytest.fail("gunicorn is not installed in the test venv (setup.cfg dev extras)")
 
     def tag(stream: ProcessorStream) -> None:
         while (message := stream.recv()) is not None:
@@ -380,52 +510,77 @@ def test_gunicorn_sync_workers_after_a_preloading_fork(tmp_path: Any) -> None:
                 common = mutate_headers(set_headers=[("x-tagged", "yes")])
             stream.send(matching_reply(message, common))
 
-    with ScriptedProcessor(tag) as proc:
-        env = {**os.environ, "EXTPROC_TEST_PROCESSOR": proc.address}
-        with subprocess.Popen(
-            [
-                str(gunicorn),
-                "--preload",
-                "--workers",
-                "2",
-                "--worker-class",
-                "sync",
-                "--bind",
-                "127.0.0.1:0",
-                "--chdir",
-                str(Path(__file__).parents[2]),
-                "tests.support.wsgi_app:application",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        ) as server:
-            stdout = server.stdout
-            assert stdout is not None
-            lines: list[str] = []
-            ready = threading.Event()
-
-            def read() -> None:
-                for line in stdout:
-                    lines.append(line)
-                    text = "".join(lines)
-                    if "Listening at" in text and text.count("Booting worker") >= 2:
-                        ready.set()
-
-            reader = threading.Thread(target=read, daemon=True)
-            reader.start()
-            ready.wait(30)
-            match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(lines))
-            port = int(match[1]) if match else 0
-            try:
-                assert port, "".join(lines)
-                replies = [request(("127.0.0.1", port), "GET", f"/{i}") for i in range(6)]
-            finally:
-                server.terminate()
-                server.wait(30)
-                reader.join(10)
+    with (
+        ScriptedProcessor(tag) as proc,
+        running_gunicorn({"EXTPROC_TEST_PROCESSOR": proc.address}, workers=2) as address,
+    ):
+        replies = [request(address, "GET", f"/{i}") for i in range(6)]
     assert all(r.status == 200 for r in replies)
     seen = [json.loads(r.body) for r in replies]
     assert all(s["headers"].get("HTTP_X_TAGGED") == "yes" for s in seen)
     assert len(proc.streams) == 6
+
+
+# Chunked request bodies under gunicorn ------------------------------------------------------
+
+BODY_MODES = ("NONE", "STREAMED", "BUFFERED", "BUFFERED_PARTIAL", "FULL_DUPLEX_STREAMED")
+CHUNKS = [b"first chunk, ", b"second chunk, ", b"third chunk"]
+
+
+def uppercase_by_route(stream: ProcessorStream) -> None:
+    """Uppercase each request body message, as the route's body mode wants the answer."""
+    duplex_mode = False
+    while (message := stream.recv()) is not None:
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            path = {h.key: h.raw_value for h in message.request_headers.headers.headers}
+            duplex_mode = path[":path"].endswith(b"FULL_DUPLEX_STREAMED")
+            stream.send(matching_reply(message))
+        elif kind == "request_body" and duplex_mode:
+            part = message.request_body
+            stream.send(streamed_body("request", part.body.upper(), part.end_of_stream))
+        elif kind == "request_body":
+            stream.send(body_reply(message, message.request_body.body.upper()))
+        else:
+            stream.send(matching_reply(message))
+
+
+def processing_mode(body_mode: str) -> dict[str, str]:
+    mode = {"request_body_mode": body_mode}
+    if body_mode == "FULL_DUPLEX_STREAMED":
+        mode["request_trailer_mode"] = "SEND"  # as Envoy requires
+    return mode
+
+
+def test_gunicorn_chunked_request_body_in_each_body_mode() -> None:
+    """gunicorn de-chunks a Transfer-Encoding: chunked body and sets wsgi.input_terminated,
+    without a CONTENT_LENGTH; the middleware reads it to its end in every body mode."""
+    routes = [
+        {"prefix": f"/{mode}", "overrides": {"processing_mode": processing_mode(mode)}}
+        for mode in BODY_MODES
+    ]
+    file = {"ext_proc": {"message_timeout": "10s"}, "routes": routes}
+    with (
+        ScriptedProcessor(uppercase_by_route) as proc,
+        running_gunicorn(
+            {"EXTPROC_TEST_PROCESSOR": proc.address, "EXTPROC_TEST_CONFIG": json.dumps(file)}
+        ) as address,
+    ):
+        replies = {
+            mode: request(address, "POST", f"/{mode}", body=list(CHUNKS)) for mode in BODY_MODES
+        }
+        streams = proc.wait_streams(len(BODY_MODES))
+    whole = b"".join(CHUNKS)
+    seen = {mode: json.loads(reply.body) for mode, reply in replies.items()}
+    assert {mode: reply.status for mode, reply in replies.items()} == dict.fromkeys(BODY_MODES, 200)
+    expected = {mode: whole.upper().decode() for mode in BODY_MODES} | {"NONE": whole.decode()}
+    assert {mode: s["body"] for mode, s in seen.items()} == expected
+    # No length, as the proxy sends such a body upstream chunked: the app reads to the end.
+    assert {s["content_length"] for s in seen.values()} == {None}
+    sent = []
+    for stream in streams:
+        bodies = [m.request_body for m in stream.requests if m.HasField("request_body")]
+        sent.append(b"".join(b.body for b in bodies))
+        assert [b.end_of_stream for b in bodies][-1:] in ([True], [])
+    # Every mode but NONE sent the processor the whole body.
+    assert sorted(sent) == [b""] + [whole] * (len(BODY_MODES) - 1)

@@ -63,3 +63,19 @@ def duplex(fn: Transform) -> Handler:
                 stream.send(matching_reply(message))
 
     return handler
+
+
+def duplex_per_chunk(fn: Transform) -> Handler:
+    """FULL_DUPLEX_STREAMED: stream fn(chunk) back for each body message as it comes."""
+
+    def handler(stream: ProcessorStream) -> None:
+        while (message := stream.recv()) is not None:
+            kind = message.WhichOneof("request")
+            direction, _, phase = kind.partition("_")
+            if phase == "body":
+                part = getattr(message, kind)
+                stream.send(streamed_body(direction, fn(part.body), part.end_of_stream))
+            else:
+                stream.send(matching_reply(message))
+
+    return handler
