@@ -397,6 +397,8 @@ def _access_entries(logs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for entry in entries:
         for key in _VARYING:
             entry[key] = type(entry.pop(key)).__name__
+        # Which phases waited for the processor is the same on both sides; how long is not.
+        entry["processor_phases_ms"] = sorted(entry["processor_phases_ms"])
     return entries
 
 
