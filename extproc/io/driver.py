@@ -373,11 +373,20 @@ class _RequestRun:
             return
         if direction is Direction.REQUEST:
             self.stats.bytes_in += len(data)
+        # Replies that came while the read blocked go first, as Envoy takes events in arrival
+        # order: an ImmediateResponse among them ends the exchange before this piece is sent.
+        if not self._take_ready_replies():
+            return
         self.session.feed(BodyReceived(direction, data, eos))
         if trailers is not None and self.local is None:
             self.session.feed(TrailersReceived(direction, Headers(trailers)))
+        self._take_ready_replies()
+
+    def _take_ready_replies(self) -> bool:
+        """Feed the replies already waiting; False once the exchange is answered locally."""
         while self.local is None and self.session.replies_ready():
             self.session.wait_reply(0)
+        return self.local is None
 
     def _io_timeout(self, direction: Direction) -> float:
         return self.timeouts.client if direction is Direction.REQUEST else self.timeouts.upstream
