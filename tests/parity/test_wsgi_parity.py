@@ -345,20 +345,12 @@ def test_bodies_parity_through_wsgi(scenario: bodies.Scenario, tmp_path: Path) -
     compare(scenario.id, proxy, wsgi)
 
 
-def _control_params() -> list[Any]:
-    """The control scenarios; one the control suite marks as a race in the proxy itself
-    (its outcome is not one behaviour to compare) is skipped with that reason."""
-    return [
-        pytest.param(
-            s,
-            id=s.id,
-            marks=[pytest.mark.skip(reason=f"a race in the proxy: {s.xfail}")] if s.xfail else [],
-        )
-        for s in control.SCENARIOS
-    ]
+# The control suite's races in the proxy itself (its xfails, e.g. observability mode with an
+# unreachable processor) have no one outcome to compare, so they are left out here.
+COMPARABLE_CONTROL = [s for s in control.SCENARIOS if not s.xfail]
 
 
-@pytest.mark.parametrize("scenario", _control_params())
+@pytest.mark.parametrize("scenario", COMPARABLE_CONTROL, ids=lambda s: s.id)
 def test_control_parity_through_wsgi(scenario: control.Scenario, tmp_path: Path) -> None:
     proxy = control.observe(scenario, control.through_extproc, tmp_path)
     wsgi = control.observe(scenario, control_through_wsgi, tmp_path)
