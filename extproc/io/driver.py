@@ -334,6 +334,7 @@ class _RequestRun:
         try:
             self.upstream, self.upstream_reused = self.h.pool.acquire()
         except UpstreamConnectError:
+            self.h.stats.upstream_cx_connect_fail.inc()
             self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection failure")
             return
         self._to_upstream(self.upstream_request)
@@ -369,6 +370,7 @@ class _RequestRun:
             self.upstream.send(event, self.timeouts.upstream)
         except OSError:
             self._close_upstream()
+            self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
             self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection termination")
 
     def _close_upstream(self) -> None:
@@ -383,12 +385,18 @@ class _RequestRun:
         try:
             self._response_head = self._read_response_head()
         except (OSError, h11.ProtocolError) as err:
+            closed = self.upstream is None or self.upstream.peer_closed
             self._close_upstream()
             if isinstance(err, TimeoutError):
+                self.h.stats.upstream_rq_timeout.inc()
                 self.proxy_response = _ProxyResponse(504, b"upstream request timeout")
             elif self._retry_on_fresh_connection():
                 self._await_upstream_head()
+            elif isinstance(err, h11.ProtocolError) and not closed:
+                self.h.stats.upstream_cx_protocol_error.inc()
+                self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"protocol error")
             else:
+                self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
                 self.proxy_response = _ProxyResponse(
                     503, UPSTREAM_RESET + b"connection termination"
                 )
@@ -439,6 +447,13 @@ class _RequestRun:
             return self.upstream.read_body(timeout)
         except (OSError, h11.ProtocolError) as err:
             # Never let a truncated body pass for a complete one: drop the connection.
+            stats = self.h.stats
+            if isinstance(err, TimeoutError):
+                stats.upstream_rq_timeout.inc()
+            elif isinstance(err, h11.ProtocolError) and not self.upstream.peer_closed:
+                stats.upstream_cx_protocol_error.inc()
+            else:
+                stats.upstream_cx_destroy_remote_with_active_rq.inc()
             self._close_upstream()
             raise ConnectionAborted("upstream broke mid-response") from err
 
@@ -504,7 +519,8 @@ class _RequestRun:
             self.session.close_later(self.processor)
         self.session.close()
         if self.upstream is not None:
-            self.h.pool.release(self.upstream)
+            if not self.h.pool.release(self.upstream):
+                self.h.stats.upstream_cx_protocol_error.inc()
             self.upstream = None
         outcome = self.exchange.outcome
         access_log.info(

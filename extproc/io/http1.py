@@ -19,13 +19,15 @@ READ_SIZE = 65536
 class Http1Connection:
     """An h11 state machine bound to a blocking socket."""
 
-    __slots__ = ("sock", "h11", "_timeout", "_end")
+    __slots__ = ("sock", "h11", "_timeout", "_end", "peer_closed")
 
     def __init__(self, sock: socket.socket, role: Any, *, max_head_bytes: int) -> None:
         self.sock = sock
         self.h11 = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self._timeout: float | None = None
         self._end: Any = None  # an EndOfMessage read behind data, handed out next time
+        # The peer closed or reset the connection: an error that follows is its doing.
+        self.peer_closed = False
 
     def _set_timeout(self, timeout: float) -> None:
         # Only call into the socket when the value changes: most reads reuse the last one.
@@ -53,6 +55,8 @@ class Http1Connection:
                 data = self.sock.recv(READ_SIZE)
             except ConnectionError:
                 data = b""
+            if not data:
+                self.peer_closed = True
             self.h11.receive_data(data)
 
     def read_body(self, timeout: float) -> tuple[bytes, bool, list[tuple[bytes, bytes]] | None]:

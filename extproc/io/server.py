@@ -91,6 +91,17 @@ class ProxyServer:
         return str(host), int(port)
 
     @property
+    def in_flight(self) -> int:
+        """Connections a worker thread is serving right now."""
+        with self._idle:
+            return self._inflight
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no worker thread is serving a connection; False after ``timeout``."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    @property
     def state(self) -> str:
         """The server state as Envoy names it (its /ready answers 200 only when LIVE)."""
         if self._stop.is_set():

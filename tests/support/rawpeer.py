@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
+from collections.abc import Callable
 
 
 class ScriptedUpstream:
@@ -42,3 +45,115 @@ class ScriptedUpstream:
         self.release.set()
         self.thread.join(10)
         self.sock.close()
+
+
+GOOD_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood"
+Script = Callable[[socket.socket, threading.Event], None]
+
+
+def read_request_head(conn: socket.socket) -> bytes:
+    """Read until the end of a request head (the fault scripts' requests have no body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class FaultyUpstream:
+    """A raw upstream whose first connections each run a fault script; every later connection
+    answers each request with ``GOOD_ANSWER`` (keep-alive), so the next request can be seen to
+    work. ``release`` ends any script still waiting."""
+
+    def __init__(self, *scripts: Script) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = self.sock.getsockname()
+        self.scripts = list(scripts)
+        self.release = threading.Event()
+        self.connections = 0
+        self._threads: list[threading.Thread] = []
+        acceptor = threading.Thread(target=self._accept, daemon=True)
+        acceptor.start()
+        self._threads.append(acceptor)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            script = self.scripts.pop(0) if self.scripts else _answer_good
+            thread = threading.Thread(
+                target=_run_script, args=(script, conn, self.release), daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        self.release.set()
+        # shutdown, not just close, wakes the acceptor blocked in accept().
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for thread in self._threads:
+            thread.join(10)
+
+    def __enter__(self) -> FaultyUpstream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _run_script(script: Script, conn: socket.socket, release: threading.Event) -> None:
+    conn.settimeout(30)
+    with conn, contextlib.suppress(OSError):
+        script(conn, release)
+
+
+def _answer_good(conn: socket.socket, release: threading.Event) -> None:
+    while read_request_head(conn):
+        conn.sendall(GOOD_ANSWER)
+
+
+def reset(conn: socket.socket, release: threading.Event) -> None:
+    """Close with a TCP RST (SO_LINGER 0) once the request arrived."""
+    read_request_head(conn)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def answer_then_close(answer: bytes) -> Script:
+    def script(conn: socket.socket, release: threading.Event) -> None:
+        read_request_head(conn)
+        conn.sendall(answer)
+
+    return script
+
+
+def answer_then_hold(answer: bytes) -> Script:
+    """Send ``answer`` (possibly nothing) and keep the connection open until released."""
+
+    def script(conn: socket.socket, release: threading.Event) -> None:
+        read_request_head(conn)
+        if answer:
+            conn.sendall(answer)
+        release.wait(30)
+
+    return script
+
+
+def answer_then_serve(answer: bytes) -> Script:
+    """Send ``answer`` for the first request and keep serving the connection: whatever the
+    proxy sends next on it is answered ``GOOD_ANSWER`` too."""
+
+    def script(conn: socket.socket, release: threading.Event) -> None:
+        read_request_head(conn)
+        conn.sendall(answer)
+        _answer_good(conn, release)
+
+    return script
