@@ -329,6 +329,9 @@ class _RequestRun:
         method, target, wire_headers = wire.request_to_wire(
             action.headers, action.body_length, not action.end_of_stream
         )
+        if not wire.request_line_is_valid(method, target):
+            self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection termination")
+            return
         self.method = method
         self.upstream_request = h11.Request(method=method, target=target, headers=wire_headers)
         try:

@@ -8,6 +8,8 @@ import struct
 import threading
 from collections.abc import Callable
 
+import h11
+
 
 class ScriptedUpstream:
     """A one-shot raw upstream: reads a request, waits for ``go`` if given, answers ``answer``
@@ -157,3 +159,113 @@ def answer_then_serve(answer: bytes) -> Script:
         _answer_good(conn, release)
 
     return script
+
+
+UPSTREAM_BODY = b"from-upstream"
+
+
+class CapturingUpstream:
+    """Records every byte the proxy sends on each connection, to be parsed afterwards.
+
+    Each connection is answered ``answer`` once h11 saw a complete request on it (400 if h11
+    refused it), its sending side is shut, and it is read to its end. ``answer`` should say
+    ``connection: close``, so that the proxy ends it and the capture is complete.
+    :meth:`collect` hands out the captures of the connections made so far.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.address = self.sock.getsockname()
+        self.answer = (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\nconnection: close\r\n\r\n" + UPSTREAM_BODY
+        )
+        self._lock = threading.Lock()
+        self._captures: list[bytes] = []
+        self._threads: list[threading.Thread] = []
+        self._marker: tuple[str, int] | None = None
+        self._marker_seen = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            if peer == self._marker:
+                conn.close()
+                self._marker_seen.set()
+                continue
+            thread = threading.Thread(target=self._capture, args=(conn, self.answer), daemon=True)
+            with self._lock:
+                self._threads.append(thread)
+            thread.start()
+
+    def _capture(self, conn: socket.socket, answer: bytes) -> None:
+        data = bytearray()
+        parser = h11.Connection(h11.SERVER)
+        answered = False
+        conn.settimeout(30)
+        with conn, contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                data += chunk
+                if not answered:
+                    answered = _complete(parser, chunk)
+                    if answered:
+                        conn.sendall(answer if parser.their_state is h11.DONE else BAD_REQUEST)
+                        # The end of a close-delimited answer; reading goes on to the end.
+                        conn.shutdown(socket.SHUT_WR)
+        with self._lock:
+            self._captures.append(bytes(data))
+
+    def collect(self, timeout: float = 30.0) -> list[bytes]:
+        """The bytes of every connection accepted so far, once each was closed."""
+        # The listen queue is FIFO: once a fresh connection of ours is accepted, every
+        # connection the proxy made before it has been accepted too.
+        self._marker_seen.clear()
+        with socket.socket() as marker:
+            marker.bind(("127.0.0.1", 0))
+            self._marker = marker.getsockname()
+            marker.settimeout(timeout)
+            marker.connect(self.address)
+            if not self._marker_seen.wait(timeout):
+                raise TimeoutError("the capturing upstream stopped accepting")
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise TimeoutError("the proxy kept an upstream connection open")
+        with self._lock:
+            captures, self._captures = self._captures, []
+        return captures
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._acceptor.join(10)
+
+    def __enter__(self) -> CapturingUpstream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def _complete(parser: h11.Connection, chunk: bytes) -> bool:
+    """Feed ``chunk``; True once the request is complete or h11 refused it."""
+    parser.receive_data(chunk)
+    try:
+        while (event := parser.next_event()) is not h11.NEED_DATA:
+            if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                return True
+    except h11.RemoteProtocolError:
+        return True
+    return False
