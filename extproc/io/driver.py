@@ -222,6 +222,7 @@ class _RequestRun:
         self.proxy_response: _ProxyResponse | None = None
         self._response_head: tuple[Headers, bool] = (Headers(), True)
         self.response_started = False
+        self.response_body_allowed = True
         self.close_after = False
         self.stats = _Stats()
         self.request_id = b""
@@ -351,7 +352,9 @@ class _RequestRun:
             if action.end_of_stream:
                 self._to_upstream(h11.EndOfMessage())
             return
-        if action.data:
+        if action.data and self.response_body_allowed:
+            # A body a processor gives a HEAD, 204 or 304 response is dropped: one byte of it
+            # would be read as the start of the next response on the connection.
             self.stats.bytes_out += len(action.data)
             self.down.conn.send(h11.Data(data=action.data), self.timeouts.client)
         if action.end_of_stream:
@@ -491,6 +494,7 @@ class _RequestRun:
         status = int(headers.get(b":status") or b"502")
         if allowed is None:
             allowed = wire.response_may_have_body(status, self.method)
+        self.response_body_allowed = allowed
         if end_of_stream and allowed:
             length = 0
         status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)

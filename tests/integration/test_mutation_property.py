@@ -30,7 +30,7 @@ from extproc.core.mutations import name_is_valid, value_is_valid
 from extproc.io.server import ProxyServer
 from tests.support.processor import ProcessorStream, ScriptedProcessor, matching_reply
 from tests.support.proxy import running_proxy
-from tests.support.rawpeer import CapturingUpstream
+from tests.support.rawpeer import CapturingUpstream, assert_one_message
 
 pytestmark = pytest.mark.integration
 
@@ -328,35 +328,6 @@ def exchange(address: tuple[str, int], data: bytes) -> bytes:
     return bytes(received)
 
 
-def one_message(conn: h11.Connection, data: bytes, kind: type, *, may_cut: bool = False) -> None:
-    """``data`` holds exactly one complete message of ``kind``, then the close.
-
-    With ``may_cut``, the message may instead stop short in its body, where its framing shows
-    it incomplete: how a reply that fails once its head went out ends (Envoy resets the
-    stream).
-    """
-    conn.receive_data(data)
-    conn.receive_data(b"")
-    events: list[Any] = []
-    error = ""
-    try:
-        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
-            if not isinstance(event, h11.InformationalResponse):
-                events.append(event)
-            assert event is not h11.NEED_DATA and not isinstance(event, h11.ConnectionClosed), (
-                f"incomplete message: {events!r} from {data!r}"
-            )
-    except h11.RemoteProtocolError as err:
-        error = str(err)
-    if error:
-        cut = may_cut and events and "without sending complete message body" in error
-        assert cut, f"{error} in {data!r}"
-        return
-    assert isinstance(events[0], kind), f"{events[0]!r} from {data!r}"
-    # (h11 pauses after a request naming Upgrade; what matters is that nothing follows.)
-    assert conn.trailing_data == (b"", True), f"bytes after the message: {data!r}"
-
-
 def check(world: World, example: Example) -> None:
     with world.plan.lock:
         world.plan.replies = example.plan
@@ -368,10 +339,12 @@ def check(world: World, example: Example) -> None:
     # In STREAMED mode a head goes out before the body's replies come: a reply that fails
     # the exchange then (an immediate response, an invalid mutation) cuts that message short.
     streamed = example.mode == "STREAMED"
-    one_message(conn, to_client, h11.Response, may_cut=streamed and "response_body" in example.plan)
+    assert_one_message(
+        conn, to_client, h11.Response, may_cut=streamed and "response_body" in example.plan
+    )
     assert len(captures) <= 1, f"{len(captures)} upstream connections for one request"
     for capture in captures:
-        one_message(
+        assert_one_message(
             h11.Connection(h11.SERVER),
             capture,
             h11.Request,

@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import h11
 
@@ -269,3 +270,34 @@ def _complete(parser: h11.Connection, chunk: bytes) -> bool:
     except h11.RemoteProtocolError:
         return True
     return False
+
+
+def assert_one_message(
+    conn: h11.Connection, data: bytes, kind: type, *, may_cut: bool = False
+) -> None:
+    """``data`` holds exactly one complete message of ``kind``, then the close.
+
+    With ``may_cut``, the message may instead stop short in its body, where its framing shows
+    it incomplete: how a reply that fails once its head went out ends (Envoy resets the
+    stream).
+    """
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    events: list[Any] = []
+    error = ""
+    try:
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if not isinstance(event, h11.InformationalResponse):
+                events.append(event)
+            assert event is not h11.NEED_DATA and not isinstance(event, h11.ConnectionClosed), (
+                f"incomplete message: {events!r} from {data!r}"
+            )
+    except h11.RemoteProtocolError as err:
+        error = str(err)
+    if error:
+        cut = may_cut and events and "without sending complete message body" in error
+        assert cut, f"{error} in {data!r}"
+        return
+    assert isinstance(events[0], kind), f"{events[0]!r} from {data!r}"
+    # (h11 pauses after a request naming Upgrade; what matters is that nothing follows.)
+    assert conn.trailing_data == (b"", True), f"bytes after the message: {data!r}"
