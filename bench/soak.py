@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchkit.memstat import RssSampler
 from benchkit.procs import Proc, free_port, http_get, rss_bytes
 from benchkit.report import load_average, machine_lines
 from benchkit.xor_processor import xor
@@ -333,6 +334,17 @@ def settled_reading(system: System) -> Reading:
 # Report -----------------------------------------------------------------------------------
 
 
+def rss_profile(samples: list[tuple[float, int]], began: float, seconds: float) -> list[float]:
+    """The proxy's RSS under load at each tenth of the run (MiB): a leak climbs steadily, an
+    allocator settling in rises early and levels off."""
+    marks = []
+    for tenth in range(11):
+        at = began + seconds * tenth / 10
+        nearest = min(samples, key=lambda sample: abs(sample[0] - at))
+        marks.append(round(nearest[1] / MIB, 1))
+    return marks
+
+
 def judge(args: argparse.Namespace, tally: Tally, start: Reading, end: Reading) -> list[str]:
     problems = []
     if tally.lost or tally.corrupted:
@@ -383,13 +395,15 @@ def main(argv: Sequence[str]) -> int:
                 warm = load(address, args, args.warmup, args.seed)
                 start = settled_reading(system)
                 began = time.monotonic()
-                tally = load(address, args, args.duration, args.seed + args.connections)
+                with RssSampler(system.proxy.pid, interval=1.0) as sampler:
+                    tally = load(address, args, args.duration, args.seed + args.connections)
                 seconds = time.monotonic() - began
                 end = settled_reading(system)
                 tally.lost += warm.lost
                 tally.corrupted += warm.corrupted
                 tally.errors = warm.errors + tally.errors
                 figures = report(args, tally, start, end, seconds)
+                figures["rss_mib_during"] = rss_profile(sampler.samples, began, seconds)
                 problems = judge(args, tally, start, end)
                 if problems:
                     print(system.proxy.tail(), file=sys.stderr)

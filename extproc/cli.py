@@ -263,10 +263,7 @@ def _fail(code: int, message: str) -> None:
 
 
 def _serve(config: ProxyConfig, announce: Callable[[tuple[str, int]], None] | None = None) -> None:
-    from extproc.io.memory import pin_mmap_threshold
     from extproc.io.server import ProxyServer
-
-    pin_mmap_threshold()
 
     try:
         server = ProxyServer(config)

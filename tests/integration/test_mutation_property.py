@@ -10,6 +10,7 @@ exactly one complete response: no mutation can split, smuggle or truncate a mess
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -219,7 +220,7 @@ UPSTREAM_ANSWERS = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Example:
     mode: str
     method: str
@@ -227,6 +228,20 @@ class Example:
     chunked: bool
     answer: bytes
     plan: dict[str, ep.CommonResponse | ep.ImmediateResponse] = field(hash=False)
+
+    def __repr__(self) -> str:
+        # Short enough to read in a failure report: 60 KiB values print as "v×61440".
+        plan = {kind: _squeeze(" ".join(str(reply).split())) for kind, reply in self.plan.items()}
+        body = None if self.body is None else f"<{len(self.body)} bytes>"
+        status_line = self.answer.split(b"\r\n")[0]
+        return (
+            f"Example(mode={self.mode!r}, method={self.method!r}, body={body}, "
+            f"chunked={self.chunked}, answer={status_line!r}, plan={plan!r})"
+        )
+
+
+def _squeeze(text: str) -> str:
+    return re.sub(r"(.)\1{31,}", lambda m: f"{m.group(1)}×{len(m.group(0))}", text)
 
 
 examples = st.builds(
