@@ -10,6 +10,7 @@ export EXTPROC_ENVOY_BIN ?= $(ENVOY_BIN)
 .PHONY: all venv envoy demo test unit lint typecheck soak bench bench-tools bench-memory clean
 BENCH_ARGS ?=
 BENCH_MEMORY_ARGS ?=
+SOAK_ARGS ?=
 
 all: test
 
@@ -43,8 +44,11 @@ test: venv envoy lint typecheck
 unit: venv
 	$(BIN)/pytest tests/unit
 
+# The slow tests (long property and fuzz runs, a 25 s soak per body mode), then the full soak:
+# bench/soak.py, 3 minutes of 32 clients (e.g. SOAK_ARGS="--duration 600 --mode buffered").
 soak: venv envoy
 	$(BIN)/pytest -m slow
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # wrk drives the load, nginx is the fast upstream: both from Debian.
 bench-tools:

@@ -202,6 +202,23 @@ class Stats:
             hcm + "rs_too_large",
             "Responses answered 500: a buffered body over the buffer limit",
         )
+        # Envoy's cluster stats for what goes wrong with the upstream.
+        cluster = f"cluster.{UPSTREAM_CLUSTER}."
+        self.upstream_cx_destroy_remote_with_active_rq = self._counter(
+            "upstream_cx_destroy_remote_with_active_rq",
+            cluster + "upstream_cx_destroy_remote_with_active_rq",
+            "Upstream connections reset or closed by the upstream during a request",
+        )
+        self.upstream_cx_protocol_error = self._counter(
+            "upstream_cx_protocol_error",
+            cluster + "upstream_cx_protocol_error",
+            "Upstream responses that broke HTTP/1.1 (invalid, or more body than announced)",
+        )
+        self.upstream_rq_timeout = self._counter(
+            "upstream_rq_timeout",
+            cluster + "upstream_rq_timeout",
+            "Upstream responses not received within the upstream timeout",
+        )
         self.downstream_rq_time = self._histogram(
             "downstream_rq_time", hcm + "downstream_rq_time", "Request durations"
         )

@@ -751,7 +751,8 @@ class Exchange:
 
     def _immediate(self, immediate: ep.ImmediateResponse) -> list[Action]:
         self.outcome.immediate_response = True
-        status = immediate.status.code if immediate.status.code >= 200 else 200
+        # Below 200 is Envoy's rule; from 1000 on there is no HTTP/1.1 status line to write.
+        status = immediate.status.code if 200 <= immediate.status.code < 1000 else 200
         headers = Headers([(b":status", str(status).encode())])
         if immediate.HasField("headers"):
             # Errors in these mutations are only logged by Envoy; the reply goes out anyway.

@@ -6,6 +6,8 @@ Rules this module keeps (Envoy 1.40, extproc-spec §6.2 and §7):
    extproc-only ``honor_append_action`` option is on.
 3. All removals run before all sets; each operation is checked against the mutation rules.
 4. Invalid characters in a name or value are always an error, whatever the rules say.
+   Leading and trailing whitespace is not part of a field value (RFC 9110 §5.5): it is
+   dropped, which is what the peer of Envoy's HTTP/1 codec reads from the same mutation.
 5. Count and size limits are checked before (operation count) and after (result) applying.
 Errors are returned, never raised: the caller decides the local reply (status_on_error).
 """
@@ -114,7 +116,8 @@ def _value_fits(name: bytes, value: bytes) -> bool:
     if name == b":scheme":
         return value in (b"http", b"https")
     if name == b":status":
-        return value.isdigit() and int(value) >= 200
+        # Envoy takes any code from 200 on; an HTTP/1.1 status line has three digits.
+        return value.isdigit() and 200 <= int(value) < 1000
     return True
 
 
@@ -227,7 +230,7 @@ def _apply_set(
     if not option.HasField("header"):
         return
     name = option.header.key.encode("latin-1", "replace").lower()
-    value = option.header.raw_value
+    value = option.header.raw_value.strip(b" \t")
     if not name or (drop_content_length and name == b"content-length"):
         return
     if name.startswith(b":") and name not in _PSEUDO:

@@ -171,6 +171,10 @@ def response_from_wire(status: int, wire_headers: Iterable[Header]) -> Headers:
     return Headers([(b":status", str(status).encode()), *kept])
 
 
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+
 def request_to_wire(
     headers: Headers, body_length: int | None, has_body: bool
 ) -> tuple[bytes, bytes, list[Header]]:
@@ -188,7 +192,7 @@ def request_to_wire(
     )
     if has_body and body_length is None:
         wire.append((b"transfer-encoding", b"chunked"))
-    return headers.get(b":method") or b"GET", headers.get(b":path") or b"/", wire
+    return headers.get(b":method") or b"", headers.get(b":path") or b"", wire
 
 
 def _with_length(headers: list[Header], length: bytes | None, add: bool) -> list[Header]:
@@ -220,7 +224,32 @@ def response_to_wire(
     if body_allowed:
         length = None if body_length is None else str(body_length).encode()
         wire = _with_length(wire, length, add=True)
+    else:
+        wire = _first_valid_length(wire)
     return status, reason_phrase(status), wire
+
+
+def _first_valid_length(headers: list[Header]) -> list[Header]:
+    """A bodiless response's headers with at most one Content-Length, and only a number:
+    a processor's junk there would otherwise make a head no HTTP/1.1 parser accepts."""
+    seen = False
+    out: list[Header] = []
+    for name, value in headers:
+        if name == b"content-length":
+            if seen or not value.isdigit():
+                continue
+            seen = True
+        out.append((name, value))
+    return out
+
+
+def request_line_is_valid(method: bytes, target: bytes) -> bool:
+    """Whether HTTP/1.1 can carry this request line (a token method, a visible-ASCII target).
+
+    A processor can set ``:path`` and ``:method`` to anything; Envoy's codec refuses to encode
+    such a request and answers 503, and so does the proxy.
+    """
+    return bool(_METHOD.fullmatch(method)) and bool(_TARGET.fullmatch(target))
 
 
 def reason_phrase(status: int) -> bytes:

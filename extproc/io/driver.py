@@ -305,6 +305,7 @@ class _RequestRun:
         self.proxy_response: _ProxyResponse | None = None
         self._response_head: tuple[Headers, bool] = (Headers(), True)
         self.response_started = False
+        self.response_body_allowed = True
         self.close_after = False
         self.stats = _Stats()
         self.request_id = b""
@@ -431,6 +432,9 @@ class _RequestRun:
         method, target, wire_headers = wire.request_to_wire(
             action.headers, action.body_length, not action.end_of_stream
         )
+        if not wire.request_line_is_valid(method, target):
+            self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection termination")
+            return
         self.method = method
         self.upstream_request = h11.Request(method=method, target=target, headers=wire_headers)
         try:
@@ -449,7 +453,9 @@ class _RequestRun:
             if action.end_of_stream:
                 self._to_upstream(h11.EndOfMessage())
             return
-        if action.data:
+        if action.data and self.response_body_allowed:
+            # A body a processor gives a HEAD, 204 or 304 response is dropped: one byte of it
+            # would be read as the start of the next response on the connection.
             self.stats.bytes_out += len(action.data)
             self.down.conn.send(h11.Data(data=action.data), self.timeouts.client)
         if action.end_of_stream:
@@ -471,6 +477,7 @@ class _RequestRun:
             self.upstream.send(event, self.timeouts.upstream)
         except OSError:
             self._close_upstream()
+            self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
             self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection termination")
 
     def _close_upstream(self) -> None:
@@ -485,12 +492,18 @@ class _RequestRun:
         try:
             self._response_head = self._read_response_head()
         except (OSError, h11.ProtocolError) as err:
+            closed = self.upstream is None or self.upstream.peer_closed
             self._close_upstream()
             if isinstance(err, TimeoutError):
+                self.h.stats.upstream_rq_timeout.inc()
                 self.proxy_response = _ProxyResponse(504, b"upstream request timeout")
             elif self._retry_on_fresh_connection():
                 self._await_upstream_head()
+            elif isinstance(err, h11.ProtocolError) and not closed:
+                self.h.stats.upstream_cx_protocol_error.inc()
+                self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"protocol error")
             else:
+                self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
                 self.proxy_response = _ProxyResponse(
                     503, UPSTREAM_RESET + b"connection termination"
                 )
@@ -541,6 +554,13 @@ class _RequestRun:
             return self.upstream.read_body(timeout)
         except (OSError, h11.ProtocolError) as err:
             # Never let a truncated body pass for a complete one: drop the connection.
+            stats = self.h.stats
+            if isinstance(err, TimeoutError):
+                stats.upstream_rq_timeout.inc()
+            elif isinstance(err, h11.ProtocolError) and not self.upstream.peer_closed:
+                stats.upstream_cx_protocol_error.inc()
+            else:
+                stats.upstream_cx_destroy_remote_with_active_rq.inc()
             self._close_upstream()
             raise ConnectionAborted("upstream broke mid-response") from err
 
@@ -586,6 +606,7 @@ class _RequestRun:
         status = int(headers.get(b":status") or b"502")
         if allowed is None:
             allowed = wire.response_may_have_body(status, self.method)
+        self.response_body_allowed = allowed
         if end_of_stream and allowed:
             length = 0
         status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
@@ -623,7 +644,8 @@ class _RequestRun:
             self.session.close_later(self.processor)
         self.session.close()
         if self.upstream is not None:
-            self.gen.pool.release(self.upstream)
+            if not self.gen.pool.release(self.upstream):
+                self.h.stats.upstream_cx_protocol_error.inc()
             self.upstream = None
         record_request(
             self.h.stats,

@@ -21,7 +21,7 @@ READ_SIZE = 65536
 class Http1Connection:
     """An h11 state machine bound to a blocking socket."""
 
-    __slots__ = ("sock", "h11", "_timeout", "_end", "_held")
+    __slots__ = ("sock", "h11", "_timeout", "_end", "_held", "peer_closed")
 
     def __init__(self, sock: socket.socket, role: Any, *, max_head_bytes: int) -> None:
         self.sock = sock
@@ -29,6 +29,8 @@ class Http1Connection:
         self._timeout: float | None = None
         self._end: Any = None  # an EndOfMessage read behind data, handed out next time
         self._held: list[bytes] = []  # written with the next send (see hold())
+        # The peer closed or reset the connection: an error that follows is its doing.
+        self.peer_closed = False
 
     def _set_timeout(self, timeout: float) -> None:
         # Only call into the socket when the value changes: most reads reuse the last one.
@@ -56,6 +58,8 @@ class Http1Connection:
                 data = self.sock.recv(READ_SIZE)
             except ConnectionError:
                 data = b""
+            if not data:
+                self.peer_closed = True
             self.h11.receive_data(data)
 
     def poll_event(self) -> Any:

@@ -175,6 +175,12 @@ class ProxyServer:
             return self._idle.wait_for(lambda: not self._inflight, timeout)
 
     @property
+    def in_flight(self) -> int:
+        """Connections a worker thread is serving right now."""
+        with self._idle:
+            return sum(self._inflight.values())
+
+    @property
     def state(self) -> str:
         """The server state as Envoy names it (its /ready answers 200 only when LIVE)."""
         if self._stop.is_set():
@@ -443,8 +449,7 @@ class ProxyServer:
 
     def _may_linger(self) -> bool:
         # Half the pool stays free for connections the acceptor hands over meanwhile.
-        busy = sum(self._inflight.values())
-        return busy <= self.config.threads // 2 and not self._stop.is_set()
+        return self.in_flight <= self.config.threads // 2 and not self._stop.is_set()
 
     def _handshake(self, down: Downstream) -> bool:
         """TLS first, on this worker thread, for a listener with TLS; whether to serve."""

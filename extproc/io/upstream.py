@@ -92,17 +92,25 @@ class UpstreamPool:
         assert failure is not None
         raise failure
 
-    def release(self, conn: Http1Connection) -> None:
-        """Give back a connection after a response; it is kept only if reusable."""
+    def release(self, conn: Http1Connection) -> bool:
+        """Give back a connection after a response; it is kept only if reusable.
+
+        False when the upstream sent bytes past the end of its response (more body than its
+        Content-Length said): they must never be read as the next request's response.
+        """
         h = conn.h11
+        if h.their_state is h11.DONE and h.trailing_data[0]:
+            conn.close()
+            return False
         if h.our_state is h11.DONE and h.their_state is h11.DONE:
             assert isinstance(conn, UpstreamConnection)
             h.start_next_cycle()
             with self._lock:
                 if not self._closed and len(conn.host.idle) < self.settings.max_idle:
                     conn.host.idle.append(conn)
-                    return
+                    return True
         conn.close()
+        return True
 
     def close(self) -> None:
         with self._lock:

@@ -184,50 +184,13 @@ def test_unreachable_upstream_is_503(processor: ScriptedProcessor) -> None:
         port = closed.getsockname()[1]
         with running_proxy(("127.0.0.1", port), processor.address) as proxy:
             reply = request(proxy.address, "GET", "/")
+            assert proxy.wait_idle(10)
+            assert proxy.stats.snapshot()["cluster.upstream.upstream_cx_connect_fail"] == 1
     assert reply.status == 503
     assert b"connection failure" in reply.body
     # The proxy's own 503 goes through the response phase, as Envoy's router replies do.
     kinds = [r.WhichOneof("request") for r in processor.wait_streams(1)[0].requests]
     assert kinds == ["request_headers", "response_headers"]
-
-
-def test_upstream_breaking_mid_body_closes_the_client_connection(
-    processor: ScriptedProcessor,
-) -> None:
-    upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part")
-    try:
-        with running_proxy(upstream.address, processor.address) as proxy:
-            data = raw_exchange(proxy.address, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    finally:
-        upstream.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert b"content-length: 100" in head
-    assert len(body) < 100  # the client can tell the body was cut short
-
-
-def test_upstream_timeout_is_504(processor: ScriptedProcessor) -> None:
-    from extproc.config import Timeouts
-
-    upstream = ScriptedUpstream(b"", stall=True)
-    try:
-        with running_proxy(
-            upstream.address, processor.address, timeouts=Timeouts(upstream=0.3)
-        ) as proxy:
-            reply = request(proxy.address, "GET", "/")
-    finally:
-        upstream.close()
-    assert reply.status == 504
-    assert reply.body == b"upstream request timeout"
-
-
-def test_upstream_closing_before_the_head_is_503(processor: ScriptedProcessor) -> None:
-    upstream = ScriptedUpstream(b"")
-    try:
-        with running_proxy(upstream.address, processor.address) as proxy:
-            reply = request(proxy.address, "GET", "/")
-    finally:
-        upstream.close()
-    assert reply.status == 503
 
 
 def test_request_retried_when_a_kept_alive_upstream_connection_was_closed(

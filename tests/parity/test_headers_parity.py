@@ -77,6 +77,21 @@ def immediate_without_status() -> ep.ProcessingResponse:
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(body=b"no status given"))
 
 
+def replacing(set_headers: list[tuple[str, str]]) -> Handler:
+    """CONTINUE_AND_REPLACE on the request headers with ``set_headers`` (which may change
+    :method)."""
+    common = mutate_headers(set_headers=set_headers)
+    common.status = ep.CommonResponse.CONTINUE_AND_REPLACE
+    return on(
+        "request_headers",
+        lambda _: ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common)),
+    )
+
+
+def setting(phase: str, *pairs: tuple[str, str]) -> Handler:
+    return mutating(phase, mutate_headers(set_headers=list(pairs)))
+
+
 # Scenarios ---------------------------------------------------------------------------------
 
 
@@ -207,6 +222,75 @@ SCENARIOS = [
         "status-on-error-503",
         handler=abort_internal,
         ext_proc=_ext(status_on_error={"code": 503}),
+    ),
+    # Hostile processor output (README: Guarantees, Processor output).
+    Scenario(
+        "hop-by-hop-set-on-request-forwarded",
+        handler=setting(
+            "request_headers",
+            ("connection", "upgrade"),
+            ("upgrade", "h2c"),
+            ("te", "chunked"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+        ),
+    ),
+    Scenario(
+        "value-whitespace-trimmed-request",
+        handler=setting("request_headers", ("x-a", " lead"), ("x-b", "trail\t")),
+    ),
+    Scenario(
+        "value-whitespace-trimmed-response",
+        handler=setting("response_headers", ("x-a", " lead"), ("x-b", "trail ")),
+    ),
+    Scenario("control-character-value-500", handler=setting("request_headers", ("x-c", "a\x01"))),
+    Scenario("nul-value-500", handler=setting("response_headers", ("x-c", "a\x00b"))),
+    Scenario("method-with-space-503", handler=replacing([(":method", "G T")])),
+    Scenario("method-empty-503", handler=replacing([(":method", "")])),
+    Scenario("path-with-space-503", handler=setting("request_headers", (":path", "/a b"))),
+    Scenario("path-empty-503", handler=setting("request_headers", (":path", ""))),
+    Scenario(
+        "over-100-set-operations-500",
+        handler=setting("request_headers", *[(f"x-n{i}", "v") for i in range(101)]),
+    ),
+    Scenario(
+        "result-over-100-headers-500",
+        handler=setting("request_headers", *[(f"x-n{i}", "v") for i in range(99)]),
+    ),
+    Scenario(
+        "result-over-60-kib-500",
+        handler=setting("request_headers", ("x-big", "v" * 61 * 1024)),
+    ),
+    Scenario(
+        "remove-host-and-framing-refused",
+        handler=mutating(
+            "request_headers", mutate_headers(remove=["host", ":authority", "transfer-encoding"])
+        ),
+        method="POST",
+        body=b"kept",
+    ),
+    Scenario(
+        "immediate-with-framing-headers",
+        handler=on(
+            "request_headers",
+            lambda _: immediate(
+                200,
+                b"body",
+                headers=[
+                    ("content-length", "1"),
+                    ("transfer-encoding", "chunked"),
+                    ("connection", "keep-alive"),
+                ],
+            ),
+        ),
+    ),
+    Scenario(
+        "immediate-204-drops-body", handler=on("request_headers", lambda _: immediate(204, b"x"))
+    ),
+    Scenario("immediate-101-is-200", handler=on("request_headers", lambda _: immediate(101, b"x"))),
+    Scenario(
+        "immediate-invalid-header-skipped",
+        handler=on("request_headers", lambda _: immediate(403, b"no", headers=[("x-a", "a\r\nb")])),
     ),
 ]
 

@@ -341,6 +341,9 @@ def test_each_stats_has_its_own_registry() -> None:
 # Envoy's /stats ----------------------------------------------------------------------------
 
 FRESH_TEXT = """\
+cluster.upstream.upstream_cx_destroy_remote_with_active_rq: 0
+cluster.upstream.upstream_cx_protocol_error: 0
+cluster.upstream.upstream_rq_timeout: 0
 http.ingress.downstream_cx_active: 0
 http.ingress.downstream_cx_total: 0
 http.ingress.downstream_rq_1xx: 0
