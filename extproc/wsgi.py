@@ -529,6 +529,12 @@ class _Run:
             length = 0 if action.end_of_stream and allowed else action.body_length
             self._send_head(action.headers, length, allowed)
             return
+        method = action.headers.get(b":method") or b""
+        if not wire.request_line_is_valid(method, action.headers.get(b":path") or b""):
+            # What the proxy answers when a processor's :method or :path could not go on a
+            # request line: the app, like the proxy's upstream, never sees it.
+            self.proxy_response = (503, wire.UPSTREAM_RESET + b"connection termination")
+            return
         for namespace, header in self.exchange.settings.metadata_headers:
             value = self.exchange.metadata_json(namespace)
             if value is not None:

@@ -243,6 +243,11 @@ def _first_valid_length(headers: list[Header]) -> list[Header]:
     return out
 
 
+# The body of Envoy's 503 when the upstream could not be reached or broke before its response
+# head; the reason follows ("connection failure", "connection termination", ...).
+UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+
 def request_line_is_valid(method: bytes, target: bytes) -> bool:
     """Whether HTTP/1.1 can carry this request line (a token method, a visible-ASCII target).
 

@@ -44,7 +44,6 @@ from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
 from extproc.models import Headers
 
-UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # The most request body read (and dropped, never held) in the hope of keeping a connection
 # the proxy answered without its body: past this, it is closed instead.
 _DROP_LIMIT = 1024 * 1024
@@ -433,14 +432,16 @@ class _RequestRun:
             action.headers, action.body_length, not action.end_of_stream
         )
         if not wire.request_line_is_valid(method, target):
-            self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection termination")
+            self.proxy_response = _ProxyResponse(
+                503, wire.UPSTREAM_RESET + b"connection termination"
+            )
             return
         self.method = method
         self.upstream_request = h11.Request(method=method, target=target, headers=wire_headers)
         try:
             self.upstream, self.upstream_reused = self.gen.pool.acquire()
         except UpstreamConnectError:
-            self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection failure")
+            self.proxy_response = _ProxyResponse(503, wire.UPSTREAM_RESET + b"connection failure")
             return
         self._to_upstream(self.upstream_request)
         if action.end_of_stream:
@@ -478,7 +479,9 @@ class _RequestRun:
         except OSError:
             self._close_upstream()
             self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
-            self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"connection termination")
+            self.proxy_response = _ProxyResponse(
+                503, wire.UPSTREAM_RESET + b"connection termination"
+            )
 
     def _close_upstream(self) -> None:
         if self.upstream is not None:
@@ -501,11 +504,11 @@ class _RequestRun:
                 self._await_upstream_head()
             elif isinstance(err, h11.ProtocolError) and not closed:
                 self.h.stats.upstream_cx_protocol_error.inc()
-                self.proxy_response = _ProxyResponse(503, UPSTREAM_RESET + b"protocol error")
+                self.proxy_response = _ProxyResponse(503, wire.UPSTREAM_RESET + b"protocol error")
             else:
                 self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
                 self.proxy_response = _ProxyResponse(
-                    503, UPSTREAM_RESET + b"connection termination"
+                    503, wire.UPSTREAM_RESET + b"connection termination"
                 )
         finally:
             self.stats.upstream += time.monotonic() - started
