@@ -17,7 +17,7 @@ from extproc.demo.processor import DemoProcessor
 from extproc.demo.upstream import EchoUpstream
 from tests.support.processor import ScriptedProcessor, mutate_headers, mutating
 from tests.support.proxy import Reply, request, running_proxy
-from tests.support.proxy_process import proxy_process
+from tests.support.proxyproc import ProxyProcess
 from tests.support.xds import ENDPOINTS, ControlPlane
 
 pytestmark = pytest.mark.integration
@@ -140,15 +140,19 @@ def test_xds_control_plane_steers_processor_traffic(tmp_path: Path, upstream: Ec
         bootstrap = tmp_path / "xds-bootstrap.json"
         bootstrap.write_text(plane.bootstrap())
         host, port = upstream.address
-        with proxy_process(
+        with ProxyProcess(
+            "--listen",
+            "127.0.0.1:0",
             "--upstream",
             f"{host}:{port}",
             "--processor",
             "xds:///processors",
             "--message-timeout",
             "10s",
+            # gRPC reads the bootstrap once per process: hence a process of its own.
             env={"GRPC_XDS_BOOTSTRAP": str(bootstrap)},
-        ) as proxy:
+        ) as running:
+            proxy = ("127.0.0.1", running.port())
             assert [served_by(request(proxy, "GET", "/")) for _ in range(3)] == ["a"] * 3
             plane.wait_acked(ENDPOINTS, "1")
             version = plane.set_endpoints([b.port])
