@@ -26,6 +26,9 @@ pytestmark = pytest.mark.integration
 
 BIN = str(REPO / "bin" / "extproc-proxy")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# A fresh process's first request also waits for its processor channel to connect; on a loaded
+# machine the default 200 ms message timeout can expire then (a 504 the test is not about).
+COLD_START = ("--message-timeout", "30s")
 
 
 def _lines(stream: IO[str], sink: list[str], found: threading.Event, pattern: str) -> None:
@@ -150,6 +153,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(processor: ScriptedProce
             "{}:{}".format(*upstream.address),
             "--processor",
             processor.address,
+            *COLD_START,
             ready='"listening"',
         ) as (proc, lines):
             address = ("127.0.0.1", listening_port(lines))
@@ -206,6 +210,7 @@ def test_out_of_file_descriptors_backs_off_and_recovers(
         "{}:{}".format(*upstream.address),
         "--processor",
         processor.address,
+        *COLD_START,
         "--header-read-timeout",
         "60s",
     ]
@@ -286,6 +291,7 @@ def test_access_log_has_one_json_event_per_request_with_dynamic_metadata(
             "{}:{}".format(*upstream.address),
             "--processor",
             proc.address,
+            *COLD_START,
             "--config",
             str(config),
             ready='"listening"',

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,17 @@ pytestmark = pytest.mark.integration
 
 def _args(upstream: EchoUpstream, processor: ScriptedProcessor, *more: str) -> list[str]:
     host, port = upstream.address
-    return ["--upstream", f"{host}:{port}", "--processor", processor.address, *more]
+    # A fresh process answers its first requests while its processor channel still connects;
+    # the default 200 ms message timeout can expire then on a loaded machine (a 504).
+    return [
+        "--upstream",
+        f"{host}:{port}",
+        "--processor",
+        processor.address,
+        "--message-timeout",
+        "30s",
+        *more,
+    ]
 
 
 def test_notify_ready_watchdog_reloading_stopping(
@@ -88,19 +99,20 @@ def test_socket_activation_serves_connections_queued_before_start(
         address = held.getsockname()
         # Connected and sent before any proxy runs: the kernel queues them on the socket.
         early = [socket.create_connection(address, timeout=60) for _ in range(3)]
-        for i, sock in enumerate(early):
-            _send_request(sock, f"/early/{i}")
-        with ProxyProcess(*_args(upstream, processor), activate=[held]) as proxy:
-            activated = proxy.wait_event("socket_activated")
-            assert activated["listen"] == "fd://3"
+        with ExitStack() as closing:
             for i, sock in enumerate(early):
-                with sock:
-                    reply = _read_all(sock)
-                assert reply.startswith(b"HTTP/1.1 200 ")
-                assert f"/early/{i}".encode() in reply  # the echo upstream's account of it
-            assert request(address, "GET", "/late").status == 200
-            proxy.signal(signal.SIGTERM)
-            assert proxy.wait() == 0
+                closing.enter_context(sock)
+                _send_request(sock, f"/early/{i}")
+            with ProxyProcess(*_args(upstream, processor), activate=[held]) as proxy:
+                activated = proxy.wait_event("socket_activated")
+                assert activated["listen"] == "fd://3"
+                replies = [_read_all(sock) for sock in early]
+                assert request(address, "GET", "/late").status == 200
+                proxy.signal(signal.SIGTERM)
+                assert proxy.wait() == 0
+        for i, reply in enumerate(replies):
+            assert reply.startswith(b"HTTP/1.1 200 ")
+            assert f"/early/{i}".encode() in reply  # the echo upstream's account of it
 
 
 def test_restart_with_a_held_socket_drops_no_connection(
@@ -117,14 +129,16 @@ def test_restart_with_a_held_socket_drops_no_connection(
             first.signal(signal.SIGTERM)
             assert first.wait() == 0
         during = [socket.create_connection(address, timeout=60) for _ in range(4)]
-        for i, sock in enumerate(during):
-            _send_request(sock, f"/during/{i}")
-        with ProxyProcess(*_args(upstream, processor), activate=[held]) as second:
-            for sock in during:
-                with sock:
-                    assert _read_all(sock).startswith(b"HTTP/1.1 200 ")
-            second.signal(signal.SIGTERM)
-            assert second.wait() == 0
+        with ExitStack() as closing:
+            for i, sock in enumerate(during):
+                closing.enter_context(sock)
+                _send_request(sock, f"/during/{i}")
+            with ProxyProcess(*_args(upstream, processor), activate=[held]) as second:
+                replies = [_read_all(sock) for sock in during]
+                second.signal(signal.SIGTERM)
+                assert second.wait() == 0
+        for reply in replies:
+            assert reply.startswith(b"HTTP/1.1 200 ")
 
 
 def test_listen_fd_serves_on_the_named_descriptor(
