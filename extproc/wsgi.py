@@ -61,6 +61,7 @@ from extproc.core.events import (
 from extproc.core.exchange import Exchange
 from extproc.core.settings import ExchangeSettings
 from extproc.io.processor import ProcessorClient
+from extproc.io.request_ids import new_request_id
 from extproc.io.session import ProcessorSession, RequestFacts, record_request
 from extproc.metrics import Stats
 from extproc.models import Header, Headers
@@ -208,6 +209,7 @@ def request_headers(environ: Mapping[str, Any]) -> Headers:
         scheme=str(environ.get("wsgi.url_scheme", "http")).encode(),
         # The WSGI server is the edge and sets REMOTE_ADDR itself; nothing to forward.
         forwarded_for=False,
+        new_request_id=new_request_id,
     )
     return wire.request_from_wire(
         str(environ.get("REQUEST_METHOD", "GET")).encode("latin-1"),

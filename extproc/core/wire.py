@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -92,6 +92,8 @@ class IngressOptions:
     scheme: bytes = b"http"
     forwarded_for: bool = True
     default_authority: bytes = b""
+    # The X-Request-Id of a request that came without one.
+    new_request_id: Callable[[], bytes] = lambda: str(uuid.uuid4()).encode()
 
 
 def _connection_tokens(headers: Iterable[Header]) -> set[bytes]:
@@ -156,7 +158,7 @@ def request_from_wire(
     elif b"x-forwarded-proto" not in headers:
         headers.add(b"x-forwarded-proto", options.scheme)
     if b"x-request-id" not in headers:
-        headers.add(b"x-request-id", str(uuid.uuid4()).encode())
+        headers.add(b"x-request-id", options.new_request_id())
     return headers
 
 

@@ -39,6 +39,7 @@ from extproc.core.exchange import Exchange
 from extproc.errors import UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient
+from extproc.io.request_ids import new_request_id
 from extproc.io.session import ProcessorSession, RequestFacts, record_request
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
@@ -122,6 +123,7 @@ class Generation:
             scheme=b"http" if config.tls is None else b"https",
             forwarded_for=config.forwarded_for,
             default_authority=f"{config.upstream.host}:{config.upstream.port}".encode(),
+            new_request_id=new_request_id,
         )
         return cls(config, pool, processors, ingress)
 
@@ -171,7 +173,7 @@ class ConnectionHandler:
             h.start_next_cycle()
             if down.conn.buffered_event_ready():
                 continue
-            if not (may_linger() and down.conn.wait_readable(KEEPALIVE_LINGER)):
+            if not (may_linger() and down.conn.receive_within(KEEPALIVE_LINGER)):
                 return True
 
     def head_timed_out(self, down: Downstream) -> None:

@@ -1,14 +1,19 @@
 """A blocking h11 connection over one socket, used downstream (server) and upstream (client).
 
 Owns reading with timeouts and writing without copying body bytes. Knows nothing of ext_proc.
+
+A plain TCP socket stays in blocking mode and its timeouts are the kernel's (SO_RCVTIMEO,
+SO_SNDTIMEO): a socket with a Python timeout polls before every recv and send, and switching
+it between "wait" and "do not wait" is an ioctl, each a second syscall that hands the GIL to
+another worker and back. Blocking, a read or a write is one syscall. TLS sockets keep Python's
+timeouts (an SSL socket takes no MSG_DONTWAIT and reports a kernel timeout as a TLS error).
 """
 
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
-import ssl
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,27 +21,52 @@ from typing import Any
 import h11
 
 READ_SIZE = 65536
+# A kernel socket timeout of zero means "wait forever": the shortest real one is 1 µs.
+_MIN_TIMEOUT = 1e-6
 
 
 class Http1Connection:
     """An h11 state machine bound to a blocking socket."""
 
-    __slots__ = ("sock", "h11", "_timeout", "_end", "_held", "peer_closed")
+    __slots__ = ("sock", "h11", "_recv_timeout", "_send_timeout", "_end", "_held", "peer_closed")
 
     def __init__(self, sock: socket.socket, role: Any, *, max_head_bytes: int) -> None:
         self.sock = sock
         self.h11 = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
-        self._timeout: float | None = None
+        self._recv_timeout: float | None = None
+        self._send_timeout: float | None = None
         self._end: Any = None  # an EndOfMessage read behind data, handed out next time
         self._held: list[bytes] = []  # written with the next send (see hold())
         # The peer closed or reset the connection: an error that follows is its doing.
         self.peer_closed = False
+        self._prepare_socket()
 
-    def _set_timeout(self, timeout: float) -> None:
-        # Only call into the socket when the value changes: most reads reuse the last one.
-        if timeout != self._timeout:
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+    def _prepare_socket(self) -> None:
+        if self.sock.gettimeout() is not None:
+            self.sock.settimeout(None)
+
+    def _recv(self, timeout: float) -> bytes:
+        """One read of what the peer sent, waiting at most ``timeout`` seconds for it."""
+        if timeout != self._recv_timeout:
+            # Only call into the socket when the value changes: most reads reuse the last one.
+            _set_kernel_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
+            self._recv_timeout = timeout
+        try:
+            return self.sock.recv(READ_SIZE)
+        except BlockingIOError as err:
+            raise TimeoutError("timed out") from err
+
+    def _recv_nowait(self) -> bytes | None:
+        """What the peer sent, from one read that does not wait; None when nothing is there."""
+        try:
+            return self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
+    def _receive(self, data: bytes) -> None:
+        if not data:
+            self.peer_closed = True
+        self.h11.receive_data(data)
 
     def next_event(self, timeout: float, deadline: float | None = None) -> Any:
         """The next h11 event.
@@ -53,14 +83,23 @@ class Http1Connection:
                 timeout = min(timeout, deadline - time.monotonic())
                 if timeout <= 0:
                     raise TimeoutError("deadline passed")
-            self._set_timeout(timeout)
             try:
-                data = self.sock.recv(READ_SIZE)
+                data = self._recv(timeout)
             except ConnectionError:
                 data = b""
-            if not data:
-                self.peer_closed = True
-            self.h11.receive_data(data)
+            self._receive(data)
+
+    def receive_within(self, timeout: float) -> bool:
+        """Whether the peer sent something (or closed) within ``timeout`` seconds; what it
+        sent is taken in, for the next event."""
+        try:
+            data = self._recv(timeout)
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            data = b""
+        self._receive(data)
+        return True
 
     def poll_event(self) -> Any:
         """The next event from the bytes held plus at most one read that does not wait.
@@ -70,14 +109,13 @@ class Http1Connection:
         """
         event = self.h11.next_event()
         if event is h11.NEED_DATA:
-            self._set_timeout(0.0)
             try:
-                data = self.sock.recv(READ_SIZE)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                return event
+                data = self._recv_nowait()
             except ConnectionError:
                 data = b""
-            self.h11.receive_data(data)
+            if data is None:
+                return event
+            self._receive(data)
             event = self.h11.next_event()
         return event
 
@@ -109,23 +147,22 @@ class Http1Connection:
         """Whether bytes already received hold (part of) another message, e.g. pipelining."""
         return bool(self.h11.trailing_data[0])
 
-    def wait_readable(self, timeout: float) -> bool:
-        """Whether the peer sent something (or closed) within ``timeout`` seconds."""
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
-
     def send(self, event: Any, timeout: float) -> None:
         pieces = self.h11.send_with_data_passthrough(event) or []
         if self._held:
             pieces = self._held + pieces
             self._held = []
         if pieces:
-            self._set_timeout(timeout)
-            self._write(pieces)
+            self._write(pieces, timeout)
 
-    def _write(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
-        _sendall(self.sock, pieces)
+    def _write(self, pieces: Sequence[bytes | bytearray | memoryview], timeout: float) -> None:
+        if timeout != self._send_timeout:
+            _set_kernel_timeout(self.sock, socket.SO_SNDTIMEO, timeout)
+            self._send_timeout = timeout
+        try:
+            _sendall(self.sock, pieces)
+        except BlockingIOError as err:
+            raise TimeoutError("timed out") from err
 
     def hold(self, event: Any) -> None:
         """Serialise ``event`` now but write it with the next :meth:`send`: one syscall for
@@ -141,6 +178,16 @@ class Http1Connection:
 def _join(parts: list[bytes]) -> bytes:
     # h11 hands out bytearrays; protobuf bytes fields want bytes.
     return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+
+def _set_kernel_timeout(sock: socket.socket, option: int, timeout: float) -> None:
+    if timeout <= 0:
+        raise TimeoutError("deadline passed")
+    timeout = max(timeout, _MIN_TIMEOUT)
+    seconds = int(timeout)
+    sock.setsockopt(
+        socket.SOL_SOCKET, option, struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
+    )
 
 
 def _sendall(sock: socket.socket, pieces: Sequence[bytes | bytearray | memoryview]) -> None:

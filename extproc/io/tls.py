@@ -16,17 +16,39 @@ from collections.abc import Sequence
 
 import h11
 
-from extproc.io.http1 import Http1Connection
+from extproc.io.http1 import READ_SIZE, Http1Connection
 
 
 class TlsConnection(Http1Connection):
-    """An h11 connection over an ``ssl.SSLSocket``, which has no ``sendmsg``: the pieces of
-    one event are joined into one write (one TLS record where they fit)."""
+    """An h11 connection over an ``ssl.SSLSocket``, with Python's socket timeouts. It has no
+    ``sendmsg``: the pieces of one event are joined into one write (one TLS record where
+    they fit)."""
 
     __slots__ = ()
 
-    def _write(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+    def _prepare_socket(self) -> None:
+        pass
+
+    def _recv(self, timeout: float) -> bytes:
+        self._set_timeout(timeout)
+        return self.sock.recv(READ_SIZE)
+
+    def _recv_nowait(self) -> bytes | None:
+        self._set_timeout(0.0)
+        try:
+            return self.sock.recv(READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return None
+
+    def _write(self, pieces: Sequence[bytes | bytearray | memoryview], timeout: float) -> None:
+        self._set_timeout(timeout)
         self.sock.sendall(b"".join(pieces))
+
+    def _set_timeout(self, timeout: float) -> None:
+        # One value for both directions, as a Python socket timeout is.
+        if timeout != self._recv_timeout:
+            self.sock.settimeout(timeout)
+            self._recv_timeout = timeout
 
 
 def handshake(
