@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run.py [--duration 10] [--repeat 3] [--connections 16]
                                   [--only proxy,req-headers,headers,buffered-post,streamed-64k]
-                                  [--targets direct,extproc,extproc-pinned,extproc-2w,envoy]
+                                  [--targets direct,h11-floor,extproc,extproc-pinned,
+                                             extproc-2w,envoy]
 
 Starts nginx (upstream), a no-op Python ext_proc processor, then for each workload each target
 in turn, all on 127.0.0.1; every proxy gets the same ExternalProcessor `processing_mode`
@@ -75,6 +76,7 @@ class Target:
     name: str
     label: str
     start: Starter | None  # None: wrk talks to nginx itself
+    ext_proc: bool = True  # False: no processor traffic, so the proxy-only workload alone
 
 
 def _extproc(name: str, *args: str) -> Starter:
@@ -87,8 +89,13 @@ def _envoy(work: Path, up: int, proc: int, mode: dict[str, str]) -> Proc:
     return targets.start_envoy(work, up, proc, mode=mode)
 
 
+def _h11_floor(work: Path, up: int, proc: int, mode: dict[str, str]) -> Proc:
+    return targets.start_h11_floor(work, up)
+
+
 TARGETS = [
     Target("direct", "nginx alone", None),
+    Target("h11-floor", "plain h11 proxy, pinned", _h11_floor, ext_proc=False),
     Target("extproc", "extproc", _extproc("extproc")),
     Target(
         "extproc-pinned", "extproc --cpu-affinity", _extproc("extproc-pinned", "--cpu-affinity")
@@ -109,6 +116,9 @@ NOTES = [
     "so it bounds req/s of the ext_proc workloads for both proxies; CPU µs/req of the proxy is "
     "the figure to compare.",
     "- `proxy only`: both header modes SKIP, for both proxies, so no stream is opened.",
+    "- `plain h11 proxy` (`bench/benchkit/h11_floor.py`, proxy only): a thread per "
+    "connection, h11 both sides, nothing else, pinned to one core: what any h11 proxy costs "
+    "in CPython here.",
     "- `--cpu-affinity` pins each extproc process to one core; `--workers 2` runs two processes "
     "on one listening socket.",
     "- Everything (wrk -t1, nginx, processor, proxy) shares the machine's cores.",
@@ -245,7 +255,11 @@ def _run(args: argparse.Namespace, work: Path) -> list[Row]:
                 work, workload.name, method=workload.method, body_bytes=workload.body_bytes
             )
             run = _Run(processor, nginx, args, script, workload)
-            rows += [_bench(target, run, work) for target in args.target_list]
+            rows += [
+                _bench(target, run, work)
+                for target in args.target_list
+                if target.ext_proc or workload.mode == _SKIP
+            ]
     return rows
 
 

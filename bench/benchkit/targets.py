@@ -110,12 +110,12 @@ def start_nginx(workdir: Path) -> Proc:
     return proc
 
 
-def _start_benchkit_module(workdir: Path, module: str, name: str) -> Proc:
-    """`python -m benchkit.<module> PORT`, importable from bench/, listening."""
+def _start_benchkit_module(workdir: Path, module: str, name: str, *args: str) -> Proc:
+    """`python -m benchkit.<module> PORT ARGS...`, importable from bench/, listening."""
     port = free_port()
     env = _child_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", f"benchkit.{module}", str(port)]
+    command = [sys.executable, "-m", f"benchkit.{module}", str(port), *args]
     proc = Proc(name, command, port, workdir / f"{name}.log", env)
     proc.wait_listening()
     return proc
@@ -123,6 +123,11 @@ def _start_benchkit_module(workdir: Path, module: str, name: str) -> Proc:
 
 def start_processor(workdir: Path) -> Proc:
     return _start_benchkit_module(workdir, "processor", "processor")
+
+
+def start_h11_floor(workdir: Path, upstream: int) -> Proc:
+    """The straightforward h11 proxy (`benchkit.h11_floor`) in front of ``upstream``."""
+    return _start_benchkit_module(workdir, "h11_floor", "h11-floor", str(upstream))
 
 
 def start_bulk_upstream(workdir: Path) -> Proc:
