@@ -9,6 +9,7 @@ the same for both, so an operator reads a middleware as a proxy.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,6 +173,25 @@ def record_request(stats: Stats, session: ProcessorSession, facts: RequestFacts)
     """The request's access-log line (``extproc.access``) and its stats."""
     duration = time.monotonic() - facts.started
     outcome = session.exchange.outcome
+    # The line's fields cost a few µs to gather: not for a level that drops it.
+    if access_log.is_enabled_for(logging.INFO):
+        _log_request(session, facts, duration)
+    record_exchange(
+        stats,
+        ExchangeFacts.from_outcome(
+            outcome,
+            local_reply=facts.local_reply,
+            request_too_large=facts.request_too_large,
+            status=facts.status,
+            duration=duration,
+            upstream_time=facts.upstream_time if facts.upstream_answered else None,
+            processor_time=session.processor_time,
+        ),
+    )
+
+
+def _log_request(session: ProcessorSession, facts: RequestFacts, duration: float) -> None:
+    outcome = session.exchange.outcome
     access_log.info(
         "request",
         method=facts.method.decode("latin-1"),
@@ -187,18 +207,6 @@ def record_request(stats: Stats, session: ProcessorSession, facts: RequestFacts)
         details=outcome.details,
         failed_open=outcome.failed_open,
         **_metadata_fields(session.exchange),
-    )
-    record_exchange(
-        stats,
-        ExchangeFacts.from_outcome(
-            outcome,
-            local_reply=facts.local_reply,
-            request_too_large=facts.request_too_large,
-            status=facts.status,
-            duration=duration,
-            upstream_time=facts.upstream_time if facts.upstream_answered else None,
-            processor_time=session.processor_time,
-        ),
     )
 
 
