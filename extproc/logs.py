@@ -15,8 +15,19 @@ import structlog
 FORMATS = ("json", "console")
 LEVELS = ("debug", "info", "warning", "error")
 
+# The level configure() set; None while the host's own structlog set-up decides.
+configured_level: int | None = None
+
+
+def keeps(level: int) -> bool:
+    """Whether a line at ``level`` is written: known when extproc configured logging, left to
+    the host's loggers otherwise (any wrapper class, filtering or not)."""
+    return configured_level is None or level >= configured_level
+
 
 def configure(fmt: str = "json", level: str = "info") -> None:
+    global configured_level
+    configured_level = logging.getLevelNamesMapping()[level.upper()]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -30,9 +41,7 @@ def configure(fmt: str = "json", level: str = "info") -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(configured_level),
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )

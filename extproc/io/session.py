@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from google.protobuf import json_format
 
+from extproc import logs
 from extproc.core.events import (
     Action,
     CloseStream,
@@ -174,7 +175,7 @@ def record_request(stats: Stats, session: ProcessorSession, facts: RequestFacts)
     duration = time.monotonic() - facts.started
     outcome = session.exchange.outcome
     # The line's fields cost a few µs to gather: not for a level that drops it.
-    if access_log.is_enabled_for(logging.INFO):
+    if logs.keeps(logging.INFO):
         _log_request(session, facts, duration)
     record_exchange(
         stats,

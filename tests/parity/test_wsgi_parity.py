@@ -27,6 +27,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
+from extproc import logs
 from extproc.demo.upstream import EchoUpstream
 from extproc.io import session
 from extproc.metrics import Stats
@@ -382,6 +383,8 @@ def _capture_access_log(monkeypatch: pytest.MonkeyPatch, capture: LogCapture) ->
         structlog.ReturnLogger(), processors=[capture], wrapper_class=structlog.BoundLogger
     )
     monkeypatch.setattr(session, "access_log", logger)
+    # As when embedded in a host that set up structlog itself: its logger decides what to keep.
+    monkeypatch.setattr(logs, "configured_level", None)
 
 
 def _access_entries(logs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
