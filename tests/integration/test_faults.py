@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -406,3 +407,34 @@ def test_upstream_fault(processor: ScriptedProcessor, case: str) -> None:
         assert_recovered(proxy, baseline, b"good")
         assert moved(before, counters(proxy))[CLUSTER + counter] == 1
         assert upstream.connections == 3
+
+
+# Client faults ------------------------------------------------------------------------------
+
+
+def test_client_that_stops_reading_is_dropped_at_the_client_timeout(
+    processor: ScriptedProcessor,
+) -> None:
+    """A write to a client that reads nothing waits at most the client timeout (the kernel's
+    send timeout on the blocking socket); then the request ends, the connection goes and the
+    worker is free."""
+    body = b"x" * (64 << 20)  # far more than the socket buffers on both sides hold
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    with (
+        FaultyUpstream(answer_then_close(GOOD_THEN_CLOSE), answer_then_close(answer)) as upstream,
+        single_worker_proxy(
+            upstream.address, processor.address, timeouts=Timeouts(client=0.5)
+        ) as proxy,
+    ):
+        assert request(proxy.address, "GET", "/").body == b"good"
+        baseline, before = settled(proxy)
+        with socket.create_connection(proxy.address, timeout=WAIT_S) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"GET /big HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            # A request is counted when it ends: without the timeout, the only worker would
+            # stay blocked in its write while the client reads nothing.
+            deadline = time.monotonic() + WAIT_S
+            while not moved(before, counters(proxy)).get("http.ingress.downstream_rq_total"):
+                assert time.monotonic() < deadline, "the worker is still writing to the client"
+                threading.Event().wait(0.05)
+        assert_recovered(proxy, baseline, b"good")
