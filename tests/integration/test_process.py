@@ -20,15 +20,12 @@ import pytest
 from extproc.demo.upstream import EchoUpstream
 from tests.support.processor import ProcessorStream, ScriptedProcessor, matching_reply
 from tests.support.proxy import REPO, request
+from tests.support.proxyproc import BIN, COLD_START
 from tests.support.rawpeer import ScriptedUpstream
 
 pytestmark = pytest.mark.integration
 
-BIN = str(REPO / "bin" / "extproc-proxy")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-# A fresh process's first request also waits for its processor channel to connect; on a loaded
-# machine the default 200 ms message timeout can expire then (a 504 the test is not about).
-COLD_START = ("--message-timeout", "30s")
 
 
 def _lines(stream: IO[str], sink: list[str], found: threading.Event, pattern: str) -> None:

@@ -18,18 +18,16 @@ from extproc.io.server import ProxyServer
 from tests.support.opsload import Load, Recorder, admin_stats
 from tests.support.processor import ScriptedProcessor
 from tests.support.proxy import Reply, request
-from tests.support.proxyproc import ProxyProcess
+from tests.support.proxyproc import ProxyProcess, proxy_args
 
 pytestmark = pytest.mark.integration
 
 # The response phase is skipped, then sent: a change the processor can see.
 SKIP_RESPONSE = """\
 processing_mode: {request_header_mode: SEND, response_header_mode: SKIP}
-message_timeout: 30s
 """
 SEND_RESPONSE = """\
 processing_mode: {request_header_mode: SEND, response_header_mode: SEND}
-message_timeout: 30s
 """
 
 
@@ -46,14 +44,10 @@ def recording(recorder: Recorder) -> Iterator[ScriptedProcessor]:
 
 
 def start(config: Path, upstream: EchoUpstream, processor: ScriptedProcessor) -> ProxyProcess:
-    host, port = upstream.address
     return ProxyProcess(
         "--listen",
         "127.0.0.1:0",
-        "--upstream",
-        f"{host}:{port}",
-        "--processor",
-        processor.address,
+        *proxy_args(upstream.address, processor.address),
         "--config",
         str(config),
         "--admin",

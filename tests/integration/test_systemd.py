@@ -14,24 +14,13 @@ import pytest
 from extproc.demo.upstream import EchoUpstream
 from tests.support.processor import ScriptedProcessor
 from tests.support.proxy import request
-from tests.support.proxyproc import NotifySocket, ProxyProcess, listening_socket
+from tests.support.proxyproc import NotifySocket, ProxyProcess, listening_socket, proxy_args
 
 pytestmark = pytest.mark.integration
 
 
 def _args(upstream: EchoUpstream, processor: ScriptedProcessor, *more: str) -> list[str]:
-    host, port = upstream.address
-    # A fresh process answers its first requests while its processor channel still connects;
-    # the default 200 ms message timeout can expire then on a loaded machine (a 504).
-    return [
-        "--upstream",
-        f"{host}:{port}",
-        "--processor",
-        processor.address,
-        "--message-timeout",
-        "30s",
-        *more,
-    ]
+    return [*proxy_args(upstream.address, processor.address), *more]
 
 
 def test_notify_ready_watchdog_reloading_stopping(

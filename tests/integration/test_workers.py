@@ -14,7 +14,7 @@ from extproc.demo.upstream import EchoUpstream
 from tests.support.opsload import Load, Recorder, admin_stats, admin_text
 from tests.support.processor import ScriptedProcessor
 from tests.support.proxy import Reply, request
-from tests.support.proxyproc import NotifySocket, ProxyProcess
+from tests.support.proxyproc import NotifySocket, ProxyProcess, proxy_args
 
 pytestmark = pytest.mark.integration
 
@@ -22,18 +22,12 @@ pytestmark = pytest.mark.integration
 def start(
     upstream: EchoUpstream, processor: ScriptedProcessor, *more: str, **kw: object
 ) -> ProxyProcess:
-    host, port = upstream.address
     return ProxyProcess(
         "--listen",
         "127.0.0.1:0",
-        "--upstream",
-        f"{host}:{port}",
-        "--processor",
-        processor.address,
+        *proxy_args(upstream.address, processor.address),
         "--admin",
         "127.0.0.1:0",
-        "--message-timeout",
-        "30s",
         *more,
         **kw,  # type: ignore[arg-type]
     )

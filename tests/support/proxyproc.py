@@ -21,6 +21,16 @@ from tests.support.proxy import REPO
 
 BIN = str(REPO / "bin" / "extproc-proxy")
 TIMEOUT = 30.0
+# A fresh process answers its first requests while its processor channel still connects; the
+# default 200 ms message timeout can expire then on a loaded machine (a 504 no test is about).
+COLD_START = ("--message-timeout", "30s")
+
+
+def proxy_args(upstream: tuple[str, int], processor: str) -> list[str]:
+    """The upstream and processor flags, with a message timeout a cold start keeps within."""
+    host, port = upstream
+    return ["--upstream", f"{host}:{port}", "--processor", processor, *COLD_START]
+
 
 # Systemd starts the service with the sockets at 3, 4, ... and LISTEN_PID set to the service's
 # own pid, which only the process itself can know: this wrapper moves the sockets to 3, 4, ...,
