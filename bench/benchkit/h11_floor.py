@@ -17,7 +17,7 @@ import sys
 
 import h11
 
-from benchkit.h11peer import Peer, serve
+from benchkit.h11peer import Peer, read_event, serve
 
 
 class FloorPeer(Peer):
@@ -29,13 +29,6 @@ class FloorPeer(Peer):
         self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client = h11.Connection(h11.CLIENT)
 
-    def _upstream_event(self) -> h11.Event:
-        while True:
-            event = self.client.next_event()
-            if isinstance(event, h11.Event):
-                return event
-            self.client.receive_data(self.upstream.recv(self.read_size))
-
     def answer(self, request: h11.Request) -> None:
         head = h11.Request(method=request.method, target=request.target, headers=request.headers)
         out = [self.client.send(head)]
@@ -43,7 +36,9 @@ class FloorPeer(Peer):
         out.append(self.client.send(h11.EndOfMessage()))
         self.upstream.sendall(b"".join(filter(None, out)))
         reply = []
-        while not isinstance(event := self._upstream_event(), h11.EndOfMessage):
+        while not isinstance(
+            event := read_event(self.client, self.upstream, self.read_size), h11.EndOfMessage
+        ):
             if isinstance(event, h11.Response):
                 status, headers, reason = event.status_code, event.headers, event.reason
                 reply.append(

@@ -14,6 +14,17 @@ from collections.abc import Iterator
 import h11
 
 
+def read_event(conn: h11.Connection, sock: socket.socket, read_size: int) -> h11.Event:
+    """The next event of ``conn``, reading ``sock`` as it needs."""
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Event):
+            return event
+        if event is h11.PAUSED:
+            raise ConnectionError("the peer asked for a protocol switch")
+        conn.receive_data(sock.recv(read_size))
+
+
 class Peer:
     """One downstream connection (the proxy's) and its h11 state."""
 
@@ -24,13 +35,7 @@ class Peer:
         self.h11 = h11.Connection(h11.SERVER)
 
     def next_event(self) -> h11.Event:
-        while True:
-            event = self.h11.next_event()
-            if isinstance(event, h11.Event):
-                return event
-            if event is h11.PAUSED:
-                raise ConnectionError("the proxy asked for a protocol switch")
-            self.h11.receive_data(self.sock.recv(self.read_size))
+        return read_event(self.h11, self.sock, self.read_size)
 
     def send(self, event: h11.Event) -> None:
         # Passthrough: h11 hands body buffers back uncopied.
