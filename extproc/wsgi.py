@@ -184,8 +184,9 @@ class ExtProcMiddleware:
 _SPECIAL = {"CONTENT_TYPE": b"content-type", "CONTENT_LENGTH": b"content-length"}
 
 
-def request_headers(environ: Mapping[str, Any]) -> Headers:
-    """The request as the processor sees it, through the proxy's own ingress rules."""
+def environ_wire_headers(environ: Mapping[str, Any]) -> list[Header]:
+    """The request's headers as the server received them: PEP 3333 keeps them as ``HTTP_*``
+    keys, Content-Type and Content-Length apart."""
     wire_headers: list[Header] = []
     for key, value in environ.items():
         if key.startswith("HTTP_"):
@@ -195,16 +196,28 @@ def request_headers(environ: Mapping[str, Any]) -> Headers:
         else:
             continue
         wire_headers.append((name, str(value).encode("latin-1")))
-    if not any(name == b"host" for name, _ in wire_headers):
-        host = f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
-        wire_headers.insert(0, (b"host", host.encode("latin-1")))
+    return wire_headers
+
+
+def request_target(environ: Mapping[str, Any]) -> str:
+    """The request-target, rebuilt from SCRIPT_NAME, PATH_INFO and QUERY_STRING (PEP 3333's
+    URL reconstruction)."""
     path = quote(
         environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
         safe="/;=,@:!$&'()*+~",
         encoding="latin-1",
     )
     query = environ.get("QUERY_STRING", "")
-    target = (path or "/") + (f"?{query}" if query else "")
+    return (path or "/") + (f"?{query}" if query else "")
+
+
+def request_headers(environ: Mapping[str, Any]) -> Headers:
+    """The request as the processor sees it, through the proxy's own ingress rules."""
+    wire_headers = environ_wire_headers(environ)
+    if not any(name == b"host" for name, _ in wire_headers):
+        host = f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+        wire_headers.insert(0, (b"host", host.encode("latin-1")))
+    target = request_target(environ)
     options = wire.IngressOptions(
         scheme=str(environ.get("wsgi.url_scheme", "http")).encode(),
         # The WSGI server is the edge and sets REMOTE_ADDR itself; nothing to forward.

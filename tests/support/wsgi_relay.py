@@ -21,17 +21,16 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from socketserver import ThreadingMixIn
 from typing import Any
-from urllib.parse import quote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import h11
 
 from extproc import ExtProcMiddleware, WsgiConfig
 from extproc.metrics import Stats
+from extproc.wsgi import environ_wire_headers, request_target
 
 TIMEOUT = 30.0
 READ_SIZE = 64 * 1024
-_SPECIAL = {"CONTENT_TYPE": "content-type", "CONTENT_LENGTH": "content-length"}
 # PEP 3333: the app must not set these; the server frames the response itself.
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te"}
@@ -89,25 +88,13 @@ class RelayApp:
     def _send_request(
         self, sock: socket.socket, conn: h11.Connection, environ: dict[str, Any]
     ) -> None:
-        headers: list[tuple[str, str]] = []
-        for key, value in environ.items():
-            if key.startswith("HTTP_"):
-                headers.append((key[5:].lower().replace("_", "-"), str(value)))
-            elif key in _SPECIAL and value:
-                headers.append((_SPECIAL[key], str(value)))
         length = environ.get("CONTENT_LENGTH")
         # No length, read to the end (wsgi.input_terminated): a body of unknown length.
         chunked = not length and bool(environ.get("wsgi.input_terminated"))
-        headers = [(n, v) for n, v in headers if n != "transfer-encoding"]
+        headers = [(n, v) for n, v in environ_wire_headers(environ) if n != b"transfer-encoding"]
         if chunked:
-            headers.append(("transfer-encoding", "chunked"))
-        path = quote(
-            environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
-            safe="/;=,@:!$&'()*+~",
-            encoding="latin-1",
-        )
-        query = environ.get("QUERY_STRING", "")
-        target = (path or "/") + (f"?{query}" if query else "")
+            headers.append((b"transfer-encoding", b"chunked"))
+        target = request_target(environ)
         request = h11.Request(method=environ["REQUEST_METHOD"], target=target, headers=headers)
         sock.sendall(conn.send(request) or b"")
         left = int(length) if length else 0
