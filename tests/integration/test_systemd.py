@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,17 @@ def test_no_watchdog_pings_for_another_pid(
         notify.close()
 
 
-def _send_request(sock: socket.socket, path: str) -> None:
-    sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+@contextmanager
+def _queued(address: tuple[str, int], paths: list[str]) -> Iterator[list[socket.socket]]:
+    """Clients that connected and sent a request each, closed on the way out whatever
+    happened (a socket left open fails a later test with a ResourceWarning)."""
+    with ExitStack() as closing:
+        clients = []
+        for path in paths:
+            sock = closing.enter_context(socket.create_connection(address, timeout=60))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+            clients.append(sock)
+        yield clients
 
 
 def _read_all(sock: socket.socket) -> bytes:
@@ -87,18 +97,16 @@ def test_socket_activation_serves_connections_queued_before_start(
     with listening_socket() as held:
         address = held.getsockname()
         # Connected and sent before any proxy runs: the kernel queues them on the socket.
-        early = [socket.create_connection(address, timeout=60) for _ in range(3)]
-        with ExitStack() as closing:
-            for i, sock in enumerate(early):
-                closing.enter_context(sock)
-                _send_request(sock, f"/early/{i}")
-            with ProxyProcess(*_args(upstream, processor), activate=[held]) as proxy:
-                activated = proxy.wait_event("socket_activated")
-                assert activated["listen"] == "fd://3"
-                replies = [_read_all(sock) for sock in early]
-                assert request(address, "GET", "/late").status == 200
-                proxy.signal(signal.SIGTERM)
-                assert proxy.wait() == 0
+        with (
+            _queued(address, [f"/early/{i}" for i in range(3)]) as early,
+            ProxyProcess(*_args(upstream, processor), activate=[held]) as proxy,
+        ):
+            activated = proxy.wait_event("socket_activated")
+            assert activated["listen"] == "fd://3"
+            replies = [_read_all(sock) for sock in early]
+            assert request(address, "GET", "/late").status == 200
+            proxy.signal(signal.SIGTERM)
+            assert proxy.wait() == 0
         for i, reply in enumerate(replies):
             assert reply.startswith(b"HTTP/1.1 200 ")
             assert f"/early/{i}".encode() in reply  # the echo upstream's account of it
@@ -117,15 +125,13 @@ def test_restart_with_a_held_socket_drops_no_connection(
             assert request(address, "GET", "/before").status == 200
             first.signal(signal.SIGTERM)
             assert first.wait() == 0
-        during = [socket.create_connection(address, timeout=60) for _ in range(4)]
-        with ExitStack() as closing:
-            for i, sock in enumerate(during):
-                closing.enter_context(sock)
-                _send_request(sock, f"/during/{i}")
-            with ProxyProcess(*_args(upstream, processor), activate=[held]) as second:
-                replies = [_read_all(sock) for sock in during]
-                second.signal(signal.SIGTERM)
-                assert second.wait() == 0
+        with (
+            _queued(address, [f"/during/{i}" for i in range(4)]) as during,
+            ProxyProcess(*_args(upstream, processor), activate=[held]) as second,
+        ):
+            replies = [_read_all(sock) for sock in during]
+            second.signal(signal.SIGTERM)
+            assert second.wait() == 0
         for reply in replies:
             assert reply.startswith(b"HTTP/1.1 200 ")
 
