@@ -19,6 +19,7 @@ from extproc._version import __version__
 from extproc.channels import LB_POLICIES, ChannelFlags, check_target
 from extproc.config import (
     DEFAULT_THREADS,
+    GRPC_CLIENTS,
     Overrides,
     ProxyConfig,
     Timeouts,
@@ -236,6 +237,12 @@ def _network_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="The processor's :authority, and the name its TLS certificate must carry.",
         ),
         click.option(
+            "--grpc-client",
+            type=click.Choice(GRPC_CLIENTS),
+            help="How each Process stream is driven: direct (default; from the worker thread,"
+            " no thread per stream) or stub (grpc's synchronous stub fed by a queue).",
+        ),
+        click.option(
             "--processor-lb-policy",
             type=click.Choice(LB_POLICIES),
             help="How streams spread over the target's addresses (default round_robin;"
@@ -296,6 +303,7 @@ def _network_overrides(kw: dict[str, Any]) -> dict[str, Any]:
             keepalive_time=kw["processor_keepalive_time"],
             keepalive_timeout=kw["processor_keepalive_timeout"],
         ),
+        "grpc_client": kw["grpc_client"],
         "upstream_ejection": (kw["upstream_ejection_time"], kw["upstream_max_ejection_time"]),
         "tls_cert": kw["tls_cert"],
         "tls_key": kw["tls_key"],

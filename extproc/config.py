@@ -10,6 +10,7 @@ extproc's own file with ``ext_proc:`` beside ``listen``, ``upstream``, ``process
 from __future__ import annotations
 
 import json
+import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -34,8 +35,22 @@ FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.Ext
 ExternalProcessor = ext_proc_pb2.ExternalProcessor
 DEFAULT_THREADS = 32
 _FILE_KEYS = frozenset(
-    {"listen", "upstream", "processor", "clusters", "ext_proc", "routes", "metadata_headers"}
+    {
+        "listen",
+        "upstream",
+        "processor",
+        "grpc_client",
+        "clusters",
+        "ext_proc",
+        "routes",
+        "metadata_headers",
+    }
 )
+# How a Process stream is driven (extproc.io.processor): from the worker's thread, or through
+# grpc's synchronous stub fed by a queue.
+GRPC_CLIENTS = ("direct", "stub")
+DEFAULT_GRPC_CLIENT = "direct"
+GRPC_CLIENT_ENV = "EXTPROC_GRPC_CLIENT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +114,7 @@ class ProcessorSettings:
     authority: str | None = None
     # gRPC channel arguments: LB policy, keepalive, google_grpc.channel_args (extproc.channels).
     channel_args: ChannelArgs = ()
+    grpc_client: str = DEFAULT_GRPC_CLIENT  # one of GRPC_CLIENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +206,7 @@ class FileConfig:
     listen: str | None = None
     upstream: str | None = None
     processor: str | None = None
+    grpc_client: str | None = None
     routes: tuple[RouteSpec, ...] = ()
     metadata_headers: Mapping[str, str] = field(default_factory=dict)
 
@@ -222,7 +239,7 @@ def parse_file_data(data: dict[str, Any]) -> FileConfig:
     for name, target in clusters.items():
         check_target(target, f"clusters.{name}")
     strings = {}
-    for key in ("listen", "upstream", "processor"):
+    for key in ("listen", "upstream", "processor", "grpc_client"):
         value = data.get(key)
         if key == "upstream" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = ",".join(value)
@@ -235,6 +252,8 @@ def parse_file_data(data: dict[str, Any]) -> FileConfig:
         for k, v in headers.items()
     ):
         raise ConfigError("metadata_headers", "expected a mapping of namespace to header name")
+    if strings["grpc_client"] is not None:
+        check_grpc_client(strings["grpc_client"], "grpc_client")
     return FileConfig(
         filter=parse_filter(data["ext_proc"], "ext_proc"),
         clusters=clusters,
@@ -242,6 +261,23 @@ def parse_file_data(data: dict[str, Any]) -> FileConfig:
         metadata_headers=headers,
         **strings,
     )
+
+
+def _grpc_client(flags: Overrides, file: FileConfig) -> str:
+    """--grpc-client, else the file's grpc_client, else $EXTPROC_GRPC_CLIENT (a deployment's
+    or a test run's default for every proxy it starts), else direct."""
+    if flags.grpc_client is not None:
+        return check_grpc_client(flags.grpc_client, "--grpc-client")
+    if file.grpc_client is not None:
+        return file.grpc_client
+    env = os.environ.get(GRPC_CLIENT_ENV)
+    return check_grpc_client(env, GRPC_CLIENT_ENV) if env else DEFAULT_GRPC_CLIENT
+
+
+def check_grpc_client(value: str, where: str) -> str:
+    if value not in GRPC_CLIENTS:
+        raise ConfigError(where, f"{value!r} is not one of {', '.join(GRPC_CLIENTS)}")
+    return value
 
 
 def parse_filter(data: Any, where: str) -> ext_proc_pb2.ExternalProcessor:
@@ -383,6 +419,7 @@ def _processor_settings(
     clusters: Mapping[str, str],
     processor_flag: str | None,
     channel: ChannelFlags,
+    grpc_client: str,
 ) -> ProcessorSettings:
     metadata = tuple(
         (hv.key.lower(), hv.raw_value.decode() if hv.raw_value else hv.value)
@@ -417,7 +454,13 @@ def _processor_settings(
     check_target(target, where)
     setup = channel_setup(target, google, authority, channel)
     return ProcessorSettings(
-        target, timeout, metadata, setup.credentials, setup.authority, setup.channel_args
+        target,
+        timeout,
+        metadata,
+        setup.credentials,
+        setup.authority,
+        setup.channel_args,
+        grpc_client,
     )
 
 
@@ -432,6 +475,7 @@ class Overrides:
     upstream: str | None = None
     processor: str | None = None
     processor_channel: ChannelFlags = field(default_factory=ChannelFlags)
+    grpc_client: str | None = None
     clusters: Mapping[str, str] = field(default_factory=dict)
     metadata_headers: Mapping[str, str] = field(default_factory=dict)
     failure_mode_allow: bool | None = None
@@ -512,8 +556,9 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
         )
     clusters = {**file.clusters, **flags.clusters}
     processor_flag = flags.processor or file.processor
+    grpc_client = _grpc_client(flags, file)
     processor = _processor_settings(
-        message.grpc_service, clusters, processor_flag, flags.processor_channel
+        message.grpc_service, clusters, processor_flag, flags.processor_channel, grpc_client
     )
     head_bytes = flags.max_request_headers_kb * 1024
     limits = HeaderLimits(max_count=flags.max_request_headers_count, max_bytes=head_bytes)
@@ -541,7 +586,11 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
                 spec.prefix.encode(),
                 exchange_settings(route_filter),
                 _processor_settings(
-                    route_filter.grpc_service, clusters, processor_flag, flags.processor_channel
+                    route_filter.grpc_service,
+                    clusters,
+                    processor_flag,
+                    flags.processor_channel,
+                    grpc_client,
                 ),
             )
         )

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,7 +186,8 @@ def test_reload_to_another_processor(tmp_path: Path, upstream: EchoUpstream) -> 
 def _closed(client: ProcessorClient) -> bool:
     """Whether the client's channel is closed: gRPC refuses new calls on a closed channel."""
     try:
-        call = client.start_call(iter(()))
+        probe = client.channel.unary_unary("/extproc.test/Probe", None, None)
+        call: Any = probe.future(b"", timeout=30)
     except ValueError:
         return True
     call.cancel()

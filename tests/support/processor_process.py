@@ -73,10 +73,13 @@ def main() -> None:
 class ProcessorProcess:
     """The processor above, run by a test."""
 
-    def __init__(self, name: str, *, hold: bool = False) -> None:
+    def __init__(
+        self, name: str, *, hold: bool = False, module: str = "tests.support.processor_process"
+    ) -> None:
+        """``module``: another processor run the same way (it prints ``port N`` first)."""
         self.name = name
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-m", "tests.support.processor_process", name]
+        args = [sys.executable, "-m", module, name]
         self._proc = subprocess.Popen(
             [*args, "--hold"] if hold else args,
             stdout=subprocess.PIPE,

@@ -156,3 +156,13 @@ def test_max_connections_flag(served: Served) -> None:
     assert [c.max_connections for c in served] == [0, 500]
     refused = invoke(*base, "--max-connections", "-1")
     assert refused.exit_code == 2 and "--max-connections" in refused.output
+
+
+def test_grpc_client_flag(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EXTPROC_GRPC_CLIENT", raising=False)
+    base = ("--listen", ":1", "--upstream", "127.0.0.1:2", "--processor", "h:1")
+    assert invoke(*base).exit_code == 0
+    assert invoke(*base, "--grpc-client", "stub").exit_code == 0
+    assert [c.processor.grpc_client for c in served] == ["direct", "stub"]
+    refused = invoke(*base, "--grpc-client", "aio")
+    assert refused.exit_code == 2 and "--grpc-client" in refused.output

@@ -445,3 +445,43 @@ def test_reload_refuses_a_new_stat_prefix() -> None:
     new = build_config(parse_file_data({"stat_prefix": "other"}), BASE)
     err = error_of(check_reloadable, running, new)
     assert err.option == "ext_proc.stat_prefix"
+
+
+def test_grpc_client_flag_over_file_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processor client: --grpc-client, then the file's grpc_client, then
+    $EXTPROC_GRPC_CLIENT, then direct; every route's processor uses the same one."""
+    monkeypatch.delenv("EXTPROC_GRPC_CLIENT", raising=False)
+    file = parse_file_data(
+        {
+            "ext_proc": {},
+            "routes": [{"prefix": "/a", "overrides": {"failure_mode_allow": True}}],
+        }
+    )
+    assert build_config(file, BASE).processor.grpc_client == "direct"
+    monkeypatch.setenv("EXTPROC_GRPC_CLIENT", "stub")
+    config = build_config(file, BASE)
+    assert config.processor.grpc_client == "stub"
+    assert config.routes[0].processor.grpc_client == "stub"
+    from_file = parse_file_data({"ext_proc": {}, "grpc_client": "direct"})
+    assert build_config(from_file, BASE).processor.grpc_client == "direct"
+    flag = dataclasses.replace(BASE, grpc_client="stub")
+    assert build_config(from_file, flag).processor.grpc_client == "stub"
+
+
+@pytest.mark.parametrize(
+    ("where", "option"),
+    [("file", "grpc_client"), ("flag", "--grpc-client"), ("env", "EXTPROC_GRPC_CLIENT")],
+)
+def test_an_unknown_grpc_client_is_refused_by_name(
+    where: str, option: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EXTPROC_GRPC_CLIENT", raising=False)
+    if where == "file":
+        err = error_of(parse_file_data, {"ext_proc": {}, "grpc_client": "aio"})
+    elif where == "flag":
+        err = error_of(build_config, None, dataclasses.replace(BASE, grpc_client="aio"))
+    else:
+        monkeypatch.setenv("EXTPROC_GRPC_CLIENT", "aio")
+        err = error_of(build_config, None, BASE)
+    assert err.option == option
+    assert "direct, stub" in err.message

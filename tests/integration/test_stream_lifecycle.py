@@ -1,0 +1,224 @@
+"""Process streams by the thousand through each client, driven as the proxy drives them:
+answered, cancelled before any reply, timed out, ended by the processor with OK or an error,
+pumped. File descriptors, threads and memory stay flat, and the direct client starts no thread
+for a stream. ``make soak`` runs 100,000 streams per client."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from extproc.config import GRPC_CLIENTS, ProcessorSettings
+from extproc.errors import ProcessorStreamError, ProcessorTimeout
+from extproc.io import direct_stream, processor
+from extproc.io.processor import ProcessorClient
+from tests.support.processor_process import ProcessorProcess
+
+pytestmark = [pytest.mark.integration]
+
+DRIVERS = 8  # worker threads opening streams at once
+# Long enough for a loaded machine: only the /hold streams ever wait for it.
+REPLY_TIMEOUT = 30.0
+HELD_TIMEOUT = 0.002
+
+
+def _headers(path: bytes) -> ep.ProcessingRequest:
+    headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":path", raw_value=path)])
+    return ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=headers))
+
+
+RESPONSE_HEADERS = ep.ProcessingRequest(
+    response_headers=ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")])
+    )
+)
+
+
+def _exchange(client: ProcessorClient, i: int) -> str:
+    """One stream, in one of the ways an exchange uses one; what happened."""
+    stream = client.open_stream()
+    try:
+        kind = i % 25
+        if kind == 0:
+            stream.send(_headers(b"/hold"))
+            with pytest.raises(ProcessorTimeout):
+                stream.recv(HELD_TIMEOUT)
+            return "timed out"
+        if kind == 1:
+            stream.send(_headers(b"/hold"))
+            return "cancelled"
+        if kind == 2:
+            stream.send(_headers(b"/close-ok"))
+            assert stream.recv(REPLY_TIMEOUT) is None
+            return "ended OK"
+        if kind == 3:
+            stream.send(_headers(b"/abort"))
+            with pytest.raises(ProcessorStreamError) as raised:
+                stream.recv(REPLY_TIMEOUT)
+            assert raised.value.code == 13  # INTERNAL
+            return "ended with an error"
+        stream.send(_headers(b"/"))
+        if kind == 4:
+            stream.start_pump()
+        reply = stream.recv(REPLY_TIMEOUT)
+        assert reply is not None and reply.HasField("request_headers")
+        stream.send(RESPONSE_HEADERS)
+        reply = stream.recv(REPLY_TIMEOUT)
+        assert reply is not None and reply.HasField("response_headers")
+        return "pumped" if kind == 4 else "answered"
+    finally:
+        stream.close()
+
+
+@dataclass(frozen=True)
+class Usage:
+    fds: int
+    threads: int  # of the whole process, grpc's own threads included
+    rss_kib: int
+
+    @classmethod
+    def now(cls) -> Usage:
+        text = Path("/proc/self/status").read_text()
+        status = dict(line.split(":", 1) for line in text.splitlines())
+        return cls(
+            fds=len(os.listdir("/proc/self/fd")),
+            threads=int(status["Threads"]),
+            rss_kib=int(status["VmRSS"].split()[0]),
+        )
+
+
+def _settled(before: Usage, within: float = 30.0) -> Usage:
+    """Usage once the stub's per-stream threads, ended by the last closes, have exited."""
+    deadline = time.monotonic() + within
+    while (now := Usage.now()).threads > before.threads + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
+
+
+def _run(client: ProcessorClient, start: int, count: int) -> dict[str, int]:
+    seen: dict[str, int] = {}
+
+    def drive(offset: int) -> dict[str, int]:
+        mine: dict[str, int] = {}
+        for i in range(start + offset, start + count, DRIVERS):
+            what = _exchange(client, i)
+            mine[what] = mine.get(what, 0) + 1
+        return mine
+
+    with ThreadPoolExecutor(DRIVERS) as pool:
+        for mine in pool.map(drive, range(DRIVERS)):
+            for what, n in mine.items():
+                seen[what] = seen.get(what, 0) + n
+    return seen
+
+
+@pytest.fixture(scope="module")
+def stream_processor() -> Iterator[ProcessorProcess]:
+    with ProcessorProcess("streams", module="tests.support.stream_processor") as proc:
+        yield proc
+
+
+@pytest.fixture(params=GRPC_CLIENTS)
+def client(request: Any, stream_processor: ProcessorProcess) -> Iterator[ProcessorClient]:
+    settings = ProcessorSettings(stream_processor.address, grpc_client=request.param)
+    client = ProcessorClient(settings, max_streams=DRIVERS)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _leaks_nothing(client: ProcessorClient, streams: int) -> None:
+    warm = 2_000
+    _run(client, 0, warm)  # channel, pool threads, allocator arenas: all made by now
+    before = Usage.now()
+    seen = _run(client, warm, streams)
+    after = _settled(before)
+    assert sum(seen.values()) == streams
+    assert set(seen) == {
+        "timed out",
+        "cancelled",
+        "ended OK",
+        "ended with an error",
+        "pumped",
+        "answered",
+    }
+    assert after.fds <= before.fds, (before, after)
+    assert after.threads <= before.threads + 1, (before, after)
+    # Flat, not zero: the allocator keeps some of what it freed.
+    assert after.rss_kib - before.rss_kib < 16 * 1024, (before, after)
+
+
+def test_streams_leak_nothing(client: ProcessorClient) -> None:
+    _leaks_nothing(client, 5_000)
+
+
+@pytest.mark.slow
+def test_a_hundred_thousand_streams_leak_nothing(client: ProcessorClient) -> None:
+    _leaks_nothing(client, 100_000)
+
+
+def test_the_direct_client_starts_no_thread_per_stream(
+    stream_processor: ProcessorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Header-mode streams (answered, timed out, cancelled, ended): not one thread started;
+    grpc's stub starts one for every stream."""
+    started: dict[str, int] = {}
+    start = threading.Thread.start
+
+    def counting(thread: threading.Thread) -> None:
+        started[thread.name] = started.get(thread.name, 0) + 1
+        start(thread)
+
+    for kind in GRPC_CLIENTS:
+        client = ProcessorClient(
+            ProcessorSettings(stream_processor.address, grpc_client=kind), max_streams=DRIVERS
+        )
+        try:
+            _exchange(client, 0)  # the watchdog thread starts with the first timer
+            monkeypatch.setattr(threading.Thread, "start", counting)
+            for i in range(200):
+                if i % 25 != 4:  # not the pumped kind: that one may use a pool thread
+                    _exchange(client, i)
+            monkeypatch.setattr(threading.Thread, "start", start)
+        finally:
+            client.close()
+        total = sum(started.values())
+        if kind == "direct":
+            assert total == 0, started
+        else:
+            assert total >= 190, started
+        started.clear()
+
+
+def test_without_what_direct_needs_the_stub_runs_with_one_warning(
+    stream_processor: ProcessorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grpcio without segregated calls (older than the range setup.cfg allows, or one that
+    changed its internals): the stub client serves instead, and says so once per process."""
+    monkeypatch.setattr(direct_stream, "SUPPORTED", False)
+    monkeypatch.setattr(direct_stream, "UNSUPPORTED_REASON", "grpcio lacks Channel.segregated_call")
+    monkeypatch.setattr(processor, "_warned_fallback", False)
+    settings = ProcessorSettings(stream_processor.address, grpc_client="direct")
+    with structlog.testing.capture_logs() as logged:
+        clients = [ProcessorClient(settings, max_streams=DRIVERS) for _ in range(2)]
+    try:
+        assert [c.kind for c in clients] == ["stub", "stub"]
+        assert _exchange(clients[0], 5) == "answered"
+    finally:
+        for c in clients:
+            c.close()
+    warnings = [e for e in logged if e["event"] == "grpc_client_fallback"]
+    assert len(warnings) == 1
+    assert warnings[0]["reason"] == "grpcio lacks Channel.segregated_call"
