@@ -421,7 +421,10 @@ def main(argv: Sequence[str]) -> int:
         f"- load average at start: {load_before}",
     ]
     compared = [t.label for t in args.target_list if t.compared]
-    report = render(rows, settings, targets.tool_versions(), NOTES, _floors(args), compared)
+    columns = [t.label for t in args.target_list]
+    report = render(
+        rows, settings, targets.tool_versions(), NOTES, _floors(args), compared, columns
+    )
     print(report)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(report)

@@ -159,14 +159,16 @@ def matrix(
     cell: str,
     floors: Sequence[Floor] = (),
     compared: Sequence[str] = (),
+    columns: Sequence[str] = (),
 ) -> list[str]:
     """One line per workload, one column per target: the figure to compare at a glance.
 
-    ``cell`` is a Row property: "cpu_us" or "rps". Each ``compared`` target (a label) that ran
-    gets a column more: its value divided by the workload's floor (``floors``), beside the
-    goal."""
+    ``cell`` is a Row property: "cpu_us" or "rps". Targets (labels) come in the order of
+    ``columns``, then of the rows. Each ``compared`` target that ran gets a column more: its
+    value divided by the workload's floor (``floors``), beside the goal."""
     workloads = list(dict.fromkeys(row.workload for row in rows))
-    targets = list(dict.fromkeys(row.target for row in rows))
+    ran = {row.target for row in rows}
+    targets = list(dict.fromkeys([c for c in columns if c in ran] + [r.target for r in rows]))
     values = {(row.workload, row.target): getattr(row, cell) for row in rows}
     floor_of = {floor.workload: floor for floor in floors}
     ratioed = [target for target in compared if target in targets] if floors else []
@@ -199,11 +201,13 @@ def render(
     notes: list[str],
     floors: Sequence[Floor] = (),
     compared: Sequence[str] = (),
+    columns: Sequence[str] = (),
 ) -> str:
-    """The report; ``floors`` and ``compared`` add ratio columns to the CPU table (`matrix`)."""
+    """The report; ``floors`` and ``compared`` add ratio columns to the CPU table, ``columns``
+    orders the targets (see `matrix`)."""
     parts = ["# extproc benchmark", "", *machine_lines(tools), *settings, ""]
-    parts += matrix(rows, "CPU µs per request", "cpu_us", floors, compared) + [""]
-    parts += matrix(rows, "req/s", "rps") + [""]
+    parts += matrix(rows, "CPU µs per request", "cpu_us", floors, compared, columns) + [""]
+    parts += matrix(rows, "req/s", "rps", columns=columns) + [""]
     parts += table(rows)
     parts += ["", quietness_note(rows), *notes, ""]
     return "\n".join(parts)
