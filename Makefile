@@ -50,11 +50,16 @@ soak: venv envoy
 	$(BIN)/pytest -m slow
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
-# wrk drives the load, nginx is the fast upstream: both from Debian.
+# wrk drives the load, nginx is the fast upstream, grpc++ (1.51 on bookworm) builds the C++
+# no-op processor into bench/build/ (its generic API needs no .proto): all from Debian.
+BENCH_APT := wrk nginx-light g++ make pkg-config libgrpc++-dev
 bench-tools:
-	@command -v wrk >/dev/null && { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || \
-		{ apt-get update && apt-get install -y wrk nginx-light; }
+	@command -v wrk >/dev/null && { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && \
+		command -v g++ >/dev/null && pkg-config --exists grpc++ || \
+		{ apt-get update && apt-get install -y $(BENCH_APT); }
+	$(MAKE) -C bench/cpp_processor
 
+# The proxy under test alone on CPU 0, everything else on CPU 1 (bench/README.md).
 bench: venv envoy bench-tools
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

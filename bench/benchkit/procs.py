@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -105,18 +106,38 @@ def http_get(
         connection.close()
 
 
+def _pin(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn pinning the child to ``cpus`` (as `taskset -c` would) before it runs, so
+    every thread it starts inherits the mask."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class Proc:
-    """One started process, its log file and its listening port."""
+    """One started process, its log file and its listening port; ``cpus`` pins it (and its
+    children) to those CPUs, where None leaves it this process's affinity."""
 
     def __init__(
-        self, name: str, command: list[str], port: int, log_path: Path, env: dict[str, str]
+        self,
+        name: str,
+        command: list[str],
+        port: int,
+        log_path: Path,
+        env: dict[str, str],
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.name = name
         self.port = port
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("wb")
         self._popen = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_pin(cpus),
         )
 
     @property

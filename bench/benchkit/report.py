@@ -39,6 +39,16 @@ class Sample:
 
 
 @dataclasses.dataclass(frozen=True)
+class Floor:
+    """In ``workload``, the compared targets' CPU is divided by ``target``'s (a floor), and
+    the issue asks for at most ``goal``. Both are labels, as in `Row`."""
+
+    workload: str
+    target: str
+    goal: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Row:
     workload: str
     target: str
@@ -120,7 +130,8 @@ def machine_lines(tools: dict[str, str]) -> list[str]:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"- date: {now}",
-        f"- nproc: {len(os.sched_getaffinity(0))} (CPU: {_cpu_model()})",
+        # The machine's, not this process's: run.py pins itself to all CPUs but one.
+        f"- CPUs: {os.cpu_count()} ({_cpu_model()})",
         f"- kernel: {platform.release()}",
         f"- python: {platform.python_version()} ({platform.python_implementation()})",
     ]
@@ -142,32 +153,61 @@ def table(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def matrix(rows: Sequence[Row], title: str, cell: str) -> list[str]:
+def matrix(
+    rows: Sequence[Row],
+    title: str,
+    cell: str,
+    floors: Sequence[Floor] = (),
+    compared: Sequence[str] = (),
+    columns: Sequence[str] = (),
+) -> list[str]:
     """One line per workload, one column per target: the figure to compare at a glance.
 
-    ``cell`` is a Row property: "cpu_us" or "rps"."""
+    ``cell`` is a Row property: "cpu_us" or "rps". Targets (labels) come in the order of
+    ``columns``, then of the rows. Each ``compared`` target that ran gets a column more: its
+    value divided by the workload's floor (``floors``), beside the goal."""
     workloads = list(dict.fromkeys(row.workload for row in rows))
-    targets = list(dict.fromkeys(row.target for row in rows))
+    ran = {row.target for row in rows}
+    targets = list(dict.fromkeys([c for c in columns if c in ran] + [r.target for r in rows]))
     values = {(row.workload, row.target): getattr(row, cell) for row in rows}
+    floor_of = {floor.workload: floor for floor in floors}
+    ratioed = [target for target in compared if target in targets] if floors else []
+    headers = targets + [f"{target} / floor" for target in ratioed]
+    headers += ["goal"] if ratioed else []
     lines = [
-        f"| {title} | " + " | ".join(targets) + " |",
-        "|---|" + "---:|" * len(targets),
+        f"| {title} | " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * len(headers),
     ]
     for workload in workloads:
         cells = [
             f"{values[workload, target]:,.0f}" if (workload, target) in values else "-"
             for target in targets
         ]
+        floor = floor_of.get(workload)
+        for target in ratioed:
+            pair = (workload, target), (workload, floor.target if floor else "")
+            ratio = values[pair[0]] / values[pair[1]] if all(p in values for p in pair) else None
+            cells.append("-" if ratio is None else f"{ratio:.2f}")
+        if ratioed:
+            cells.append(f"≤ {floor.goal:.2f}" if floor else "-")
         lines.append(f"| {workload} | " + " | ".join(cells) + " |")
     return lines
 
 
 def render(
-    rows: Sequence[Row], settings: list[str], tools: dict[str, str], notes: list[str]
+    rows: Sequence[Row],
+    settings: list[str],
+    tools: dict[str, str],
+    notes: list[str],
+    floors: Sequence[Floor] = (),
+    compared: Sequence[str] = (),
+    columns: Sequence[str] = (),
 ) -> str:
+    """The report; ``floors`` and ``compared`` add ratio columns to the CPU table, ``columns``
+    orders the targets (see `matrix`)."""
     parts = ["# extproc benchmark", "", *machine_lines(tools), *settings, ""]
-    parts += matrix(rows, "CPU µs per request", "cpu_us") + [""]
-    parts += matrix(rows, "req/s", "rps") + [""]
+    parts += matrix(rows, "CPU µs per request", "cpu_us", floors, compared, columns) + [""]
+    parts += matrix(rows, "req/s", "rps", columns=columns) + [""]
     parts += table(rows)
     parts += ["", quietness_note(rows), *notes, ""]
     return "\n".join(parts)

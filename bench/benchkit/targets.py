@@ -21,7 +21,10 @@ from benchkit.procs import Proc, free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO_ROOT / "bench"
 EXTPROC_BIN = REPO_ROOT / "bin" / "extproc-proxy"
+# Built by `make bench-tools` (bench/cpp_processor), gitignored.
+CPP_PROCESSOR_BIN = BENCH_DIR / "build" / "cpp-processor"
 APT_COMMAND = "apt-get update && apt-get install -y wrk nginx-light"
+PROCESSORS = ("cpp", "python")
 
 # The parity tests' bootstrap, so the benchmarked Envoy is the one extproc is compared with.
 sys.path.insert(0, str(REPO_ROOT))
@@ -110,24 +113,47 @@ def start_nginx(workdir: Path) -> Proc:
     return proc
 
 
-def _start_benchkit_module(workdir: Path, module: str, name: str, *args: str) -> Proc:
+def _start_benchkit_module(
+    workdir: Path, module: str, name: str, *args: str, cpus: frozenset[int] | None = None
+) -> Proc:
     """`python -m benchkit.<module> PORT ARGS...`, importable from bench/, listening."""
     port = free_port()
     env = _child_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", f"benchkit.{module}", str(port), *args]
-    proc = Proc(name, command, port, workdir / f"{name}.log", env)
+    proc = Proc(name, command, port, workdir / f"{name}.log", env, cpus)
     proc.wait_listening()
     return proc
 
 
-def start_processor(workdir: Path) -> Proc:
-    return _start_benchkit_module(workdir, "processor", "processor")
+def start_processor(workdir: Path, kind: str = "python") -> Proc:
+    """The no-op processor: ``kind`` "python" (`benchkit.processor`) or "cpp" (built by
+    `make bench-tools`)."""
+    if kind == "python":
+        return _start_benchkit_module(workdir, "processor", "processor")
+    port = free_port()
+    command = [str(CPP_PROCESSOR_BIN), str(port)]
+    proc = Proc("cpp-processor", command, port, workdir / "cpp-processor.log", _child_env())
+    proc.wait_listening()
+    return proc
 
 
-def start_h11_floor(workdir: Path, upstream: int) -> Proc:
-    """The straightforward h11 proxy (`benchkit.h11_floor`) in front of ``upstream``."""
-    return _start_benchkit_module(workdir, "h11_floor", "h11-floor", str(upstream))
+def start_h11_floor(
+    workdir: Path,
+    upstream: int,
+    *,
+    cpus: frozenset[int] | None = None,
+    processor: int | None = None,
+    response_headers: bool = False,
+    name: str = "h11-floor",
+) -> Proc:
+    """The straightforward h11 proxy (`benchkit.h11_floor`) in front of ``upstream``; with a
+    ``processor``, an ext_proc stream per request (request headers, and response headers
+    when asked)."""
+    args = [str(upstream)]
+    if processor is not None:
+        args += [str(processor), "both" if response_headers else "request"]
+    return _start_benchkit_module(workdir, "h11_floor", name, *args, cpus=cpus)
 
 
 def start_bulk_upstream(workdir: Path) -> Proc:
@@ -143,9 +169,10 @@ def start_extproc(
     mode: dict[str, str],
     extra_args: Sequence[str] = (),
     name: str = "extproc",
+    cpus: frozenset[int] | None = None,
 ) -> Proc:
     """extproc with the filter config Envoy gets (`processing_mode` = ``mode``) as `--config`;
-    `extra_args` adds flags (workers, pinning, ...)."""
+    `extra_args` adds flags (a variant's, e.g. `--grpc-client stub`); `cpus` pins it."""
     port = free_port()
     config = workdir / f"{name}-filter.json"
     config.write_text(json.dumps({"processing_mode": mode}))
@@ -165,7 +192,7 @@ def start_extproc(
         "--no-xff",
         *extra_args,
     ]
-    proc = Proc(name, command, port, workdir / f"{name}.log", _child_env())
+    proc = Proc(name, command, port, workdir / f"{name}.log", _child_env(), cpus)
     proc.wait_listening()
     return proc
 
@@ -185,7 +212,13 @@ def envoy_bootstrap(
 
 
 def start_envoy(
-    workdir: Path, upstream: int, processor: int, *, mode: dict[str, str], name: str = "envoy"
+    workdir: Path,
+    upstream: int,
+    processor: int,
+    *,
+    mode: dict[str, str],
+    name: str = "envoy",
+    cpus: frozenset[int] | None = None,
 ) -> Proc:
     binary = envoy_binary()
     if binary is None:
@@ -204,7 +237,7 @@ def start_envoy(
         "--disable-hot-restart",
         "--use-dynamic-base-id",
     ]
-    proc = Proc(name, command, port, workdir / f"{name}.log", _child_env())
+    proc = Proc(name, command, port, workdir / f"{name}.log", _child_env(), cpus)
     proc.wait_listening()
     return proc
 
