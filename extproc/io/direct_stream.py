@@ -5,18 +5,21 @@ queue of its own, ``operate(ops, tag)`` starts a batch of operations on it and `
 waits, in the calling thread, for the next batch to complete. grpcio's single-threaded
 unary-stream option is built the same way (grpc/grpc#20753). Here a stream runs as:
 
-* the first :meth:`DirectStream.send` opens the call with two batches: SEND (initial metadata
-  and the message) and STATUS (the final status, due until the call ends);
-* :meth:`DirectStream.recv` starts a RECV batch (with the initial metadata the first time) and
-  takes the call's events until a message, or the end, has come;
-* gRPC lets one message be on its way at a time, so a message sent while another is still going
-  out waits in a backlog and goes when that SEND completes: a send never blocks;
+* :meth:`DirectStream.send` holds the message until the worker next waits for a reply, pumps or
+  closes: in the header and BUFFERED modes a reply is awaited after every message, so the
+  message and the wait for its reply go out as one batch (EXCHANGE). The first also opens the
+  call, with a second batch (STATUS) due until the call ends;
+* :meth:`DirectStream.recv` takes the call's events until a message, or the end, has come;
+* gRPC lets one message be on its way at a time: a message sent while another is still going
+  out waits in a backlog and goes when that one's batch completes, so a send never blocks;
 * :meth:`DirectStream.close` half-closes, cancels, and reaps every batch still due: the call
   and its completion queue are freed only when nothing is due any more;
 * once pumped (STREAMED, FULL_DUPLEX_STREAMED, observability mode), a pool task owns
   ``next_event()`` and puts the replies in a queue; the worker only starts batches.
 
-A late reply is cut short the same way as with the stub: the client's watchdog cancels the call.
+The cost that remains is grpcio's: each batch and each event takes the channel's condition
+(shared by every call of the channel) once. A late reply is cut short the same way as with
+the stub: the client's watchdog cancels the call.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ if TYPE_CHECKING:
     from extproc.io.processor import ProcessorClient
 
 METHOD = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-# Batch tags: what a completed event was.
-_SEND, _RECV, _STATUS, _CLOSE = "send", "recv", "status", "close"
+# Batch tags: what a completed event was. EXCHANGE sends a message and receives the next one.
+_SEND, _RECV, _EXCHANGE, _STATUS, _CLOSE = "send", "recv", "exchange", "status", "close"
 _CYGRPC_NAMES = (
     "PropagationConstants",
     "SendInitialMetadataOperation",
@@ -83,7 +86,7 @@ def opener(client: ProcessorClient) -> Callable[[], DirectStream]:
 
 
 class DirectStream:
-    """One Process stream as a segregated call; opened on the first :meth:`send`."""
+    """One Process stream as a segregated call; opened when its first message goes out."""
 
     __slots__ = (
         "_client",
@@ -92,6 +95,7 @@ class DirectStream:
         "_call",
         "_lock",
         "_due",
+        "_held",
         "_sending",
         "_backlog",
         "_responses",
@@ -101,7 +105,7 @@ class DirectStream:
         "_closed",
         "_replies",
         "_ended",
-        "_received_any",
+        "_metadata_asked",
     )
 
     def __init__(self, client: ProcessorClient, channel: Any, handle: int) -> None:
@@ -112,7 +116,8 @@ class DirectStream:
         # Guards the bookkeeping below once a pump thread takes the events.
         self._lock = threading.Lock()
         self._due: set[str] = set()  # batches started and not yet taken from the queue
-        self._sending = False
+        self._held: bytes | None = None  # sent, not yet started (see send)
+        self._sending = False  # a batch with a message in it is in flight
         self._backlog: deque[bytes] = deque()
         self._responses: deque[ep.ProcessingResponse] = deque()
         self._eof = False  # no message can come any more
@@ -121,26 +126,48 @@ class DirectStream:
         self._closed = False
         self._replies: pumped.Replies | None = None
         self._ended = False  # the pump put the End
-        self._received_any = False  # a RECV batch was started
+        self._metadata_asked = False
 
     # Sending --------------------------------------------------------------------------
 
     def send(self, request: ep.ProcessingRequest) -> None:
+        """Send ``request``; it may be held until the next :meth:`recv`, :meth:`start_pump`
+        or :meth:`close`, so that it leaves in one batch with the wait for its reply."""
         data = request.SerializeToString()
         with self._lock:
-            if self._call is None:
-                self._open(data)
-            elif self._status is not None or self._closed:
+            if self._closed or self._status is not None:
                 return  # the call is over: the next recv says how
-            elif self._sending:
-                self._backlog.append(data)
-            else:
-                self._send(data)
+            if self._replies is not None:
+                self._start(data, receive=False)
+                return
+            if self._held is not None:
+                self._start(self._held, receive=False)  # two in a row: the first goes now
+            self._held = data
 
-    def _open(self, data: bytes) -> None:
+    def _start(self, data: bytes, *, receive: bool) -> None:
+        """Start a batch sending ``data`` (and, with ``receive``, taking the next message)."""
+        if self._call is None:
+            self._open(data, receive)
+        elif self._sending:
+            self._backlog.append(data)
+        elif receive and not self._receiving():
+            self._operate((cygrpc.SendMessageOperation(data, 0), *self._receive_ops()), _EXCHANGE)
+            self._sending = True
+        else:
+            self._operate((cygrpc.SendMessageOperation(data, 0),), _SEND)
+            self._sending = True
+
+    def _open(self, data: bytes, receive: bool) -> None:
         settings = self._client.settings
         metadata = settings.metadata or None
         timeout = settings.stream_timeout
+        first: tuple[Any, ...] = (
+            cygrpc.SendInitialMetadataOperation(metadata, 0),
+            cygrpc.SendMessageOperation(data, 0),
+        )
+        tag = _SEND
+        if receive:
+            first, tag = (*first, *self._receive_ops()), _EXCHANGE
         self._call = self._channel.segregated_call(
             cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS,
             METHOD,
@@ -148,24 +175,11 @@ class DirectStream:
             None if timeout is None else time.time() + timeout,
             metadata,
             None,
-            (
-                (
-                    (
-                        cygrpc.SendInitialMetadataOperation(metadata, 0),
-                        cygrpc.SendMessageOperation(data, 0),
-                    ),
-                    _SEND,
-                ),
-                ((cygrpc.ReceiveStatusOnClientOperation(0),), _STATUS),
-            ),
+            ((first, tag), ((cygrpc.ReceiveStatusOnClientOperation(0),), _STATUS)),
             None,
             self._handle,
         )
-        self._due.update((_SEND, _STATUS))
-        self._sending = True
-
-    def _send(self, data: bytes) -> None:
-        self._operate((cygrpc.SendMessageOperation(data, 0),), _SEND)
+        self._due.update((tag, _STATUS))
         self._sending = True
 
     def _operate(self, operations: tuple[Any, ...], tag: str) -> None:
@@ -173,16 +187,22 @@ class DirectStream:
         if self._call.operate(operations, tag):
             self._due.add(tag)
 
+    def _receiving(self) -> bool:
+        return _RECV in self._due or _EXCHANGE in self._due
+
+    def _receive_ops(self) -> tuple[Any, ...]:
+        """What takes the next message; the message must stay the batch's last operation."""
+        if self._metadata_asked:
+            return (cygrpc.ReceiveMessageOperation(0),)
+        # The server's initial metadata comes before its first message. Not asked for with
+        # the first send: a server that never answers never sends it either, and that batch
+        # would then never complete.
+        self._metadata_asked = True
+        return (cygrpc.ReceiveInitialMetadataOperation(0), cygrpc.ReceiveMessageOperation(0))
+
     def _start_recv(self) -> None:
-        if _RECV in self._due or self._eof or self._status is not None:
-            return
-        receive = cygrpc.ReceiveMessageOperation(0)
-        if self._received_any:
-            self._operate((receive,), _RECV)
-        else:
-            # The server's initial metadata comes before its first message: one batch.
-            self._operate((cygrpc.ReceiveInitialMetadataOperation(0), receive), _RECV)
-            self._received_any = True
+        if not (self._receiving() or self._eof or self._status is not None):
+            self._operate(self._receive_ops(), _RECV)
 
     # Receiving ------------------------------------------------------------------------
 
@@ -190,39 +210,48 @@ class DirectStream:
         """Account for one completed batch (with the lock held when pumped)."""
         tag = event.tag
         self._due.discard(tag)
-        if tag == _RECV:
-            message = event.batch_operations[-1].message()
-            if message is None:
-                self._eof = True
-                return
-            try:
-                self._responses.append(ep.ProcessingResponse.FromString(message))
-            except DecodeError:
-                # As grpcio's stub answers a reply it cannot parse.
-                self._eof = True
-                self._call.cancel(cygrpc.StatusCode.internal, "Exception deserializing response!")
-        elif tag == _STATUS:
+        if tag == _STATUS:
             operation = event.batch_operations[0]
             details = operation.details()
             if isinstance(details, bytes):
                 details = details.decode("utf-8", "replace")
             self._status = (int(operation.code()), details or "")
-        elif tag == _SEND:
+            return
+        if tag == _CLOSE:
+            return
+        if tag != _RECV:
             self._sending = False
             if self._backlog and self._status is None and not self._closed:
-                self._send(self._backlog.popleft())
+                self._start(self._backlog.popleft(), receive=False)
+        if tag == _SEND:
+            return
+        message = event.batch_operations[-1].message()
+        if message is None:
+            self._eof = True
+            return
+        try:
+            self._responses.append(ep.ProcessingResponse.FromString(message))
+        except DecodeError:
+            # As grpcio's stub answers a reply it cannot parse.
+            self._eof = True
+            self._call.cancel(cygrpc.StatusCode.internal, "Exception deserializing response!")
 
     def recv(self, timeout: float) -> ep.ProcessingResponse | None:
         if self._replies is not None:
             return pumped.recv(self._replies, timeout)
+        with self._lock:
+            if self._held is not None:
+                held, self._held = self._held, None
+                self._start(held, receive=True)
         call = self._call
         assert call is not None, "recv before send"
+        # Armed once the call exists, so that a timer running out can cancel it.
         timer = self._client.watchdog.arm(timeout, self._expire)
         try:
             while not self._responses:
                 with self._lock:
                     self._start_recv()
-                    if _RECV not in self._due and _STATUS not in self._due:
+                    if not self._receiving() and _STATUS not in self._due:
                         break
                 event = call.next_event()
                 with self._lock:
@@ -248,7 +277,12 @@ class DirectStream:
 
     def start_pump(self) -> None:
         with self._lock:
-            if self._replies is not None or self._call is None:
+            if self._replies is not None:
+                return
+            if self._held is not None:
+                held, self._held = self._held, None
+                self._start(held, receive=False)
+            if self._call is None:
                 return
             self._replies = queue.SimpleQueue()
             self._deliver()
@@ -279,7 +313,7 @@ class DirectStream:
         if self._closed:
             return
         self._start_recv()
-        if not self._ended and self._status is not None and _RECV not in self._due:
+        if not self._ended and self._status is not None and not self._receiving():
             self._ended = True
             replies.put(pumped.End(*self._status))
 
@@ -288,6 +322,7 @@ class DirectStream:
     def close(self) -> None:
         with self._lock:
             call = self._call
+            self._held = None  # never started: nothing of it reached the processor
             if call is None or self._closed:
                 return
             self._closed = True
