@@ -279,6 +279,30 @@ def test_an_error_after_processing_ended_is_a_failure_only() -> None:
     assert "server_half_closed" not in counters
 
 
+def test_counts_follow_how_processing_ended_not_the_details_text() -> None:
+    # A processor may write any details: these are Envoy's own texts for other endings.
+    case = Case(
+        "details",
+        [
+            REQUEST_HEADERS,
+            reply(
+                immediate_response=ep.ImmediateResponse(
+                    status={"code": 403}, details="response_payload_too_large"
+                )
+            ),
+            ProcessorClosed(14, "gone"),
+        ],
+        {},
+    )
+    exchange, local_reply = run_exchange(case)
+    stats = Stats()
+    record_exchange(stats, record_of(exchange, local_reply, status=403))
+    snapshot = stats.snapshot()
+    assert snapshot[EXT_PROC + "immediate_responses_sent"] == 1
+    assert snapshot["http.ingress.rs_too_large"] == 0
+    assert snapshot[EXT_PROC + "server_half_closed"] == 0
+
+
 def test_a_response_body_over_the_limit_is_rs_too_large_not_an_immediate_response() -> None:
     body_mode = ProcessingMode(response_body_mode=ProcessingMode.BUFFERED)
     case = Case(
