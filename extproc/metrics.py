@@ -23,9 +23,9 @@ Workers. With ``--workers N`` each worker process counts in a registry of its ow
 supervisor serves the admin listener: :meth:`Stats.sum_workers` makes it show the sum of the
 workers' request stats (fetched as Prometheus text when asked) beside its own ``server.*``.
 
-Cost. A request ends in one :func:`record_exchange`: a handful of increments on metric
-children bound when the registry is built (no label lookups), and none for counters that did
-not move.
+Cost. A request ends in one :func:`record_exchange`, which reads the request's
+:class:`~extproc.core.record.RequestRecord`: a handful of increments on metric children bound
+when the registry is built (no label lookups), and none for counters that did not move.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder, generate_latest
@@ -43,8 +43,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from extproc.core.exchange import Outcome
+from extproc.core.record import Ending, RequestRecord
 
 HCM_STAT_PREFIX = "ingress"
 # The process's own stats: the supervisor's when there are workers, never summed.
@@ -58,11 +57,6 @@ _BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30
 BUCKETS = tuple(ms / 1000 for ms in _BUCKETS_MS)
 # The percentiles Envoy's /stats reports for each histogram.
 QUANTILES = (0, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 100)
-
-# The exchange's details for a processor stream that ended with an error while in use, and for
-# a response body over the buffer limit (Envoy's core answers that one, not ext_proc).
-_GRPC_ERROR_DETAILS = "ext_proc_error_gRPC_error_"
-_RESPONSE_TOO_LARGE_DETAILS = "response_payload_too_large"
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 _V = TypeVar("_V")
@@ -523,122 +517,48 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
 # Requests -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ExchangeFacts:
-    """What one finished request did, as the stats need it; the driver fills it in (most of it
-    with :meth:`from_outcome`). Times are in seconds."""
-
-    # The processor stream.
-    stream_started: bool = False
-    messages_sent: int = 0
-    messages_received: int = 0
-    spurious: int = 0
-    rejected_mutations: int = 0
-    # The proxy closed a stream the processor had not ended (normal end, error, timeout...).
-    stream_closed: bool = False
-    # The processor ended the stream (OK or not) while the exchange still used it.
-    server_half_closed: bool = False
-    # The stream ended with a non-OK gRPC status, whenever that was.
-    stream_failed: bool = False
-    failed_open: bool = False
-    timed_out: bool = False
-    # ext_proc answered locally: the processor's immediate response or ext_proc's own error
-    # reply (Envoy counts both), not a 413/500 for a body over the buffer limit.
-    immediate_response: bool = False
-    timeout_overrides_received: int = 0
-    timeout_overrides_ignored: int = 0
-    clear_route_cache_ignored: int = 0
-    # The request.
-    status: int = 0  # sent to the client; 0 when nothing was
-    request_too_large: bool = False
-    response_too_large: bool = False
-    duration: float = 0.0
-    upstream_time: float | None = None  # until the upstream's response head; None: no response
-    processor_time: float = 0.0  # spent waiting for processor replies
-
-    @classmethod
-    def from_outcome(
-        cls,
-        outcome: Outcome,
-        *,
-        local_reply: bool,
-        request_too_large: bool,
-        status: int,
-        duration: float,
-        upstream_time: float | None,
-        processor_time: float,
-    ) -> ExchangeFacts:
-        """The facts of an exchange's :class:`Outcome`, plus what only the driver knows:
-        whether the exchange answered locally (a ``RespondLocally`` was carried out), whether
-        the proxy answered 413 for the request body, the status sent and the times."""
-        # The exchange opens the stream with its first message.
-        started = outcome.messages_sent > 0
-        # An error ends processing only while in use, and then it is what the details say.
-        error_in_use = outcome.stream_error is not None and outcome.details.startswith(
-            _GRPC_ERROR_DETAILS
-        )
-        ended_by_processor = outcome.server_closed or error_in_use
-        response_too_large = local_reply and outcome.details == _RESPONSE_TOO_LARGE_DETAILS
-        return cls(
-            stream_started=started,
-            messages_sent=outcome.messages_sent,
-            messages_received=outcome.messages_received,
-            spurious=outcome.spurious,
-            rejected_mutations=outcome.rejected_mutations,
-            stream_closed=started and not ended_by_processor,
-            server_half_closed=ended_by_processor,
-            stream_failed=outcome.stream_error is not None,
-            failed_open=outcome.failed_open,
-            timed_out=outcome.timed_out,
-            immediate_response=local_reply and not response_too_large,
-            timeout_overrides_received=outcome.override_timeout_received,
-            timeout_overrides_ignored=outcome.override_timeout_ignored,
-            status=status,
-            request_too_large=request_too_large,
-            response_too_large=response_too_large,
-            duration=duration,
-            upstream_time=upstream_time,
-            processor_time=processor_time,
-        )
-
-
-def record_exchange(stats: Stats, facts: ExchangeFacts) -> None:
+def record_exchange(stats: Stats, record: RequestRecord) -> None:
     """Count one finished request."""
-    _record_ext_proc(stats.ext_proc, facts)
-    if facts.stream_started:
-        stats.processor_time.observe(facts.processor_time)
-    stats.record_response(facts.status)
-    stats.downstream_rq_time.observe(facts.duration)
-    if facts.upstream_time is not None:
-        stats.upstream_rq_time.observe(facts.upstream_time)
-    if facts.request_too_large:
+    _record_ext_proc(stats.ext_proc, record)
+    if record.stream_started:
+        stats.processor_time.observe(record.processor_time)
+    stats.record_response(record.status)
+    stats.downstream_rq_time.observe(record.duration)
+    if record.upstream_answered:
+        stats.upstream_rq_time.observe(record.upstream_time)
+    if record.request_too_large:
         stats.downstream_rq_too_large.inc()
-    if facts.response_too_large:
+    if record.ending is Ending.RESPONSE_TOO_LARGE:
         stats.rs_too_large.inc()
 
 
-def _record_ext_proc(c: ExtProcCounters, facts: ExchangeFacts) -> None:
+def _record_ext_proc(c: ExtProcCounters, record: RequestRecord) -> None:
     """Envoy's accounting (spec §3.5, §8.3): a processor that ends the stream OK counts as
     closed and half-closed; with an error it counts as failed and half-closed, and when that
     error fails open Envoy then treats it as an OK close, counting closed and half-closed
-    again."""
-    ended_ok = facts.server_half_closed and not facts.stream_failed
-    error_failed_open = facts.server_half_closed and facts.stream_failed and facts.failed_open
+    again. A stream the processor did not end is closed by the proxy."""
+    started = record.stream_started
+    failed = record.stream_error is not None
+    half_closed = record.ending in (Ending.PROCESSOR_CLOSED, Ending.STREAM_ERROR)
+    closed_by_proxy = started and not half_closed
+    ended_ok = half_closed and not failed
+    error_failed_open = half_closed and failed and record.failed_open
+    # Envoy's core answers a response body over the limit, not ext_proc.
+    immediate = record.answered_locally and record.ending is not Ending.RESPONSE_TOO_LARGE
     for counter, amount in (
-        (c.streams_started, int(facts.stream_started)),
-        (c.stream_msgs_sent, facts.messages_sent),
-        (c.stream_msgs_received, facts.messages_received),
-        (c.spurious_msgs_received, facts.spurious),
-        (c.streams_closed, facts.stream_closed + ended_ok + error_failed_open),
-        (c.streams_failed, int(facts.stream_failed)),
-        (c.failure_mode_allowed, int(facts.failed_open)),
-        (c.message_timeouts, int(facts.timed_out)),
-        (c.rejected_header_mutations, facts.rejected_mutations),
-        (c.override_message_timeout_received, facts.timeout_overrides_received),
-        (c.override_message_timeout_ignored, facts.timeout_overrides_ignored),
-        (c.clear_route_cache_ignored, facts.clear_route_cache_ignored),
-        (c.immediate_responses_sent, int(facts.immediate_response)),
-        (c.server_half_closed, facts.server_half_closed + error_failed_open),
+        (c.streams_started, int(started)),
+        (c.stream_msgs_sent, record.messages_sent),
+        (c.stream_msgs_received, record.messages_received),
+        (c.spurious_msgs_received, record.spurious),
+        (c.streams_closed, closed_by_proxy + ended_ok + error_failed_open),
+        (c.streams_failed, int(failed)),
+        (c.failure_mode_allowed, int(record.failed_open)),
+        (c.message_timeouts, int(record.ending is Ending.MESSAGE_TIMEOUT)),
+        (c.rejected_header_mutations, record.rejected_mutations),
+        (c.override_message_timeout_received, record.override_timeout_received),
+        (c.override_message_timeout_ignored, record.override_timeout_ignored),
+        (c.immediate_responses_sent, int(immediate)),
+        (c.server_half_closed, half_closed + error_failed_open),
     ):
         if amount:
             counter.inc(amount)

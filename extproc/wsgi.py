@@ -1,8 +1,8 @@
 """ext_proc as WSGI middleware: ``ExtProcMiddleware(app, config)`` around any PEP 3333 app.
 
-The same :class:`extproc.core.exchange.Exchange` as the proxy decides everything; this module
-only translates WSGI to its events and its actions back to WSGI, as ``extproc.io.driver`` does
-for sockets:
+The same :class:`extproc.core.exchange.Exchange` as the proxy decides everything, run by the
+proxy's own loop (:class:`extproc.io.request_loop.RequestLoop`); this module is only the loop's
+HTTP side over WSGI, as ``extproc.io.driver`` is over sockets:
 
 * the request phase runs until the exchange forwards the request head; the app is then
   called, and its ``wsgi.input`` (:class:`RequestInput`) pulls the body through the exchange
@@ -15,7 +15,7 @@ for sockets:
   called only once the exchange releases the head, and body pieces are yielded as the exchange
   forwards them (NONE and STREAMED stay streaming; BUFFERED holds the body, as in Envoy);
 * each request ends in the proxy's access-log line and stats
-  (:func:`extproc.io.session.record_request`).
+  (:meth:`extproc.io.request_loop.RequestLoop.finish`).
 
 What WSGI cannot carry: trailers (none come in; response trailers are dropped), a message
 deadline while blocked reading ``wsgi.input`` or the app's iterable (it is checked after each
@@ -26,7 +26,6 @@ server has not sent the head, and the local reply replaces it.
 
 from __future__ import annotations
 
-import datetime
 import os
 import threading
 import time
@@ -49,20 +48,19 @@ from extproc.config import (
 )
 from extproc.core import attributes, wire
 from extproc.core.events import (
-    Action,
-    BodyReceived,
     Direction,
     ForwardBody,
     ForwardHeaders,
-    HeadersReceived,
-    RespondFromProxy,
+    ForwardTrailers,
     RespondLocally,
 )
 from extproc.core.exchange import Exchange
+from extproc.core.record import RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
-from extproc.io.session import ProcessorSession, RequestFacts, record_request
+from extproc.io.request_loop import BodyPiece, RequestLoop, wall_clock
+from extproc.io.session import ProcessorSession
 from extproc.metrics import Stats
 from extproc.models import Header, Headers
 
@@ -267,11 +265,10 @@ def environ_with(environ: Mapping[str, Any], headers: Headers) -> dict[str, Any]
 
 # One request -----------------------------------------------------------------------------
 
-BodyPiece = tuple[bytes, bool]
-
 
 class _Run:
-    """One request's exchange, driven like the proxy's ``_RequestRun``."""
+    """One request: the middleware's :class:`~extproc.io.request_loop.HttpSide` over the
+    app's environ, its ``wsgi.input`` and its iterable."""
 
     def __init__(
         self,
@@ -286,12 +283,19 @@ class _Run:
         self.environ = environ
         self.start_response = start_response
         self.request = headers
-        self.target = target
         self.method = headers.get(b":method") or b"GET"
-        self.exchange = Exchange(settings, _connection(environ))
-        self.client: ProcessorClient | None = None
-        self.session = ProcessorSession(self.exchange, self._client, self._forward)
-        self.local: RespondLocally | None = None
+        self.record = RequestRecord(started=time.monotonic())
+        self.exchange = Exchange(settings, self._connection, self.record)
+        # Replies first: the next piece may be slow to come (the client's upload, the app's
+        # stream of events) and what is already read, or the head the app waits for, must
+        # not wait for it.
+        self.loop = RequestLoop(
+            self.exchange,
+            ProcessorSession(middleware, target, settings.message_timeout, self.record),
+            self,
+            middleware.stats,
+            reply_first=True,
+        )
         self.proxy_response: tuple[int, bytes] | None = None
         self.request_head: ForwardHeaders | None = None
         self.request_body = bytearray()  # forwarded, not yet read by the app
@@ -304,11 +308,20 @@ class _Run:
         self.app_status: tuple[int, list[Header]] | None = None
         self.app_written: list[bytes] = []
         self.finished = False
-        self.started = time.monotonic()
-        self.status = 0  # sent to the server's start_response
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.app_time = 0.0  # calling the app, until its start_response
+
+    def _connection(self) -> attributes.Connection:
+        environ = self.environ
+
+        def port(key: str) -> int:
+            value = str(environ.get(key) or "")
+            return int(value) if value.isdigit() else 0
+
+        return attributes.Connection(
+            source=(str(environ.get("REMOTE_ADDR", "")), port("REMOTE_PORT")),
+            destination=(str(environ.get("SERVER_NAME", "")), port("SERVER_PORT")),
+            protocol=str(environ.get("SERVER_PROTOCOL", "HTTP/1.1")),
+            start=wall_clock(self.record.started),
+        )
 
     # The request phase ----------------------------------------------------------------
 
@@ -320,36 +333,23 @@ class _Run:
         )
         has_body = bool(length) or chunked
         self.input_left = length if not chunked else None
-        self.session.feed(HeadersReceived(Direction.REQUEST, self.request, not has_body))
+        self.loop.begin(Direction.REQUEST, self.request, not has_body)
         # Until the head can go to the app; the body then streams to it as it reads.
-        while self.request_head is None and self._request_step():
+        while self.request_head is None and self.loop.step(Direction.REQUEST):
             pass
 
-    def _request_step(self) -> bool:
-        if self.proxy_response is not None:
-            return False  # the proxy answers (413): the app gets no more of the body
-        return self._step(Direction.REQUEST, self._read_input)
-
-    def _step(self, direction: Direction, read: Callable[[], BodyPiece]) -> bool:
-        """One turn of a direction: read a piece, or wait for the processor; False once the
-        direction has nothing more to do."""
-        if not self._going(direction):
-            return False
-        # Replies first: the next piece may be slow to come (the client's upload, the app's
-        # stream of events) and what is already read, or the head the app waits for, must
-        # not wait for it.
-        self.session.turn(direction, lambda: self._read_into(direction, read), reply_first=True)
-        return True
-
-    def read_body(self, size: int, line: bool = False) -> bytes:
+    def read_forwarded(self, size: int, line: bool = False) -> bytes:
         """Up to ``size`` bytes (all when negative; up to a newline with ``line``) of the
         body as forwarded: what wsgi.input reads, pulled through the exchange on demand."""
         body = self.request_body
+        step = self.loop.step
         while (
-            (size < 0 or len(body) < size) and not (line and b"\n" in body) and self._request_step()
+            (size < 0 or len(body) < size)
+            and not (line and b"\n" in body)
+            and step(Direction.REQUEST)
         ):
             pass
-        if self.local is not None or self.proxy_response is not None:
+        if self.loop.local is not None or self.proxy_response is not None:
             raise RequestStopped("the request was answered by ext_proc while the app read it")
         end = len(body) if size < 0 else min(size, len(body))
         if line and (newline := body.find(b"\n", 0, end)) >= 0:
@@ -363,19 +363,17 @@ class _Run:
         proxy reads a request to its end) and is dropped."""
         self.app_reading = False
         self.request_body.clear()
-        while self._request_step():
-            pass
+        self.loop.run(Direction.REQUEST)
 
     def _read_input(self) -> BodyPiece:
         size = READ_SIZE if self.input_left is None else min(READ_SIZE, self.input_left)
         data: bytes = self.environ["wsgi.input"].read(size) if size else b""
-        self.bytes_in += len(data)
         if self.input_left is not None:
             if size and not data:
                 raise ExchangeAborted("the client closed before sending the whole body")
             self.input_left -= len(data)
-            return data, self.input_left == 0
-        return data, not data
+            return data, self.input_left == 0, None
+        return data, not data, None
 
     def app_environ(self) -> dict[str, Any]:
         head = self.request_head
@@ -402,10 +400,10 @@ class _Run:
         try:
             self._call_app()
         except RequestStopped:
-            if self.local is None and self.proxy_response is None:
+            if self.loop.local is None and self.proxy_response is None:
                 raise
         finally:
-            self.app_time = time.monotonic() - started
+            self.record.upstream_time = time.monotonic() - started
         self.finish_request()
 
     def _call_app(self) -> None:
@@ -436,49 +434,58 @@ class _Run:
         return self.app_written.append  # the legacy write(): its data precedes the iterable
 
     def response(self) -> Iterator[bytes]:
-        if self.local is None and self.proxy_response is None:
+        loop = self.loop
+        if loop.local is None and self.proxy_response is None:
             self.call_app()
-        if self.local is None and self.proxy_response is not None:
+        if loop.local is None and self.proxy_response is not None:
             # The proxy's own reply (413) replaces whatever the app answered.
             self._close_app()
             status, body = self.proxy_response
             head = [(b"content-length", str(len(body)).encode()), (b"content-type", b"text/plain")]
             self.app_written, self.app_iter = [body], None
             self.app_status = (status, head)
-        if self.local is None:
+        if loop.local is None:
             assert self.app_status is not None
             status, head = self.app_status
             allowed = wire.response_may_have_body(status, self.method)
             length = wire.response_body_length(head) if allowed else 0
             headers = wire.response_from_wire(status, head)
-            self.session.feed(
-                HeadersReceived(Direction.RESPONSE, headers, not allowed or length == 0)
-            )
-            while self._step(Direction.RESPONSE, self._read_app):
+            loop.begin(Direction.RESPONSE, headers, not allowed or length == 0)
+            while loop.step(Direction.RESPONSE):
                 yield from self._drain_out()
             yield from self._drain_out()
-        if self.local is not None:
-            yield from self._reply_locally(self.local)
+        if loop.answer():
+            yield from self._drain_out()
 
     def _read_app(self) -> BodyPiece:
         if self.app_written:
-            return self.app_written.pop(0), False
+            return self.app_written.pop(0), False, None
         if self.app_iter is None:
-            return b"", True
+            return b"", True, None
         for data in self.app_iter:
             if data:
-                return bytes(data), False
-        return b"", True
+                return bytes(data), False, None
+        return b"", True, None
 
     def _drain_out(self) -> Iterator[bytes]:
         while self.out:
             data = self.out.popleft()
-            self.bytes_out += len(data)
+            self.record.bytes_out += len(data)
             yield data
 
-    def _reply_locally(self, reply: RespondLocally) -> Iterator[bytes]:
+    # HttpSide ---------------------------------------------------------------------------
+
+    @property
+    def responding_from_proxy(self) -> bool:
+        return self.proxy_response is not None
+
+    def read_body(self, direction: Direction, limit: float) -> BodyPiece:
+        # A blocking read: WSGI gives no way to bound it, the deadline is checked after it.
+        return self._read_input() if direction is Direction.REQUEST else self._read_app()
+
+    def answer_locally(self, reply: RespondLocally) -> None:
         aborted = ExchangeAborted(f"local reply after the response started: {reply.details}")
-        if self.bytes_out:
+        if self.record.bytes_out:
             raise aborted
         allowed = wire.response_may_have_body(reply.status, self.method)
         # The server sends the head with the first body piece: until then start_response
@@ -487,14 +494,13 @@ class _Run:
         exc_info = (type(aborted), aborted, None) if self.head_sent else None
         self._send_head(reply.headers, len(reply.body) if allowed else 0, allowed, exc_info)
         if allowed and reply.body:
-            self.bytes_out += len(reply.body)
-            yield reply.body
+            self.out.append(reply.body)
 
     def _send_head(
         self, headers: Headers, length: int | None, allowed: bool, exc_info: Any = None
     ) -> None:
         status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
-        self.status = status
+        self.record.status = status
         self.start_response(
             f"{status} {reason.decode()}".strip(),
             [(n.decode("latin-1"), v.decode("latin-1")) for n, v in wire_headers],
@@ -502,41 +508,10 @@ class _Run:
         )
         self.head_sent = True
 
-    # The exchange loop, as extproc.io.driver's --------------------------------------------
+    def respond_from_proxy(self, status: int, body: bytes) -> None:
+        self.proxy_response = (status, body)
 
-    def _going(self, direction: Direction) -> bool:
-        """Whether the direction still has work: input is read to its end even once the
-        output is done, so a replaced body is drained (as in the proxy)."""
-        ex = self.exchange
-        return self.local is None and (not ex.output_done(direction) or ex.wants_input(direction))
-
-    def _read_into(self, direction: Direction, read: Callable[[], BodyPiece]) -> None:
-        if self.session.time_left() <= 0:
-            self.session.wait_reply(0)  # the message deadline passed: a reply now, or the timeout
-            return
-        # A blocking read: WSGI gives no way to bound it, the deadline is checked after it.
-        data, eos = read()
-        self.session.feed(BodyReceived(direction, data, eos))
-        while self.local is None and self.session.replies_ready():
-            self.session.wait_reply(0)
-
-    def _client(self) -> ProcessorClient:
-        self.client = self.mw.processor(self.target)
-        return self.client
-
-    def _forward(self, action: Action) -> None:
-        """The exchange's actions for the HTTP side (the session keeps the processor's)."""
-        if isinstance(action, ForwardHeaders):
-            self._forward_headers(action)
-        elif isinstance(action, ForwardBody):
-            self._forward_body(action)
-        elif isinstance(action, RespondLocally):
-            self.local = action
-        elif isinstance(action, RespondFromProxy):
-            self.proxy_response = (action.status, action.body)
-        # ForwardTrailers: WSGI has no trailers to carry them (see the module docstring).
-
-    def _forward_headers(self, action: ForwardHeaders) -> None:
+    def forward_headers(self, action: ForwardHeaders) -> None:
         if action.direction is Direction.RESPONSE:
             allowed = wire.response_may_have_body(
                 int(action.headers.get(b":status") or b"502"), self.method
@@ -544,25 +519,18 @@ class _Run:
             length = 0 if action.end_of_stream and allowed else action.body_length
             self._send_head(action.headers, length, allowed)
             return
-        method = action.headers.get(b":method") or b""
-        if not wire.request_line_is_valid(method, action.headers.get(b":path") or b""):
-            # What the proxy answers when a processor's :method or :path could not go on a
-            # request line: the app, like the proxy's upstream, never sees it.
-            self.proxy_response = (503, wire.UPSTREAM_RESET + b"connection termination")
-            return
-        for namespace, header in self.exchange.settings.metadata_headers:
-            value = self.exchange.metadata_json(namespace)
-            if value is not None:
-                action.headers.set(header, value.encode())
         self.request_head = action
         self.method = action.headers.get(b":method") or self.method
 
-    def _forward_body(self, action: ForwardBody) -> None:
+    def forward_body(self, action: ForwardBody) -> None:
         if action.direction is Direction.REQUEST:
             if self.app_reading:
                 self.request_body += action.data
         elif action.data:
             self.out.append(action.data)
+
+    def forward_trailers(self, action: ForwardTrailers) -> None:
+        """WSGI has no trailers to carry them (see the module docstring): dropped."""
 
     def finish(self) -> None:
         """Release what the request held; idempotent, called from the iterable's close()."""
@@ -572,36 +540,19 @@ class _Run:
         try:
             self._close_app()
         finally:
-            if self.exchange.observing and self.client is not None:
-                self.session.close_later(self.client)
-            self.session.close()
-            self._record()
+            record, request = self.record, self.request
+            # The head as the exchange left it (the proxy logs the one it received).
+            record.method = request.get(b":method") or b"GET"
+            record.path = request.get(b":path") or b"/"
+            record.request_id = request.get(b"x-request-id") or b""
+            record.upstream_answered = self.app_status is not None and self.proxy_response is None
+            self.loop.finish()
 
     def _close_app(self) -> None:
         result, self.app_result = self.app_result, None
         close = getattr(result, "close", None)
         if close is not None:
             close()
-
-    def _record(self) -> None:
-        proxy_status = self.proxy_response[0] if self.proxy_response is not None else None
-        record_request(
-            self.mw.stats,
-            self.session,
-            RequestFacts(
-                method=self.request.get(b":method") or b"GET",
-                path=self.request.get(b":path") or b"/",
-                status=self.status,
-                request_id=self.request.get(b"x-request-id") or b"",
-                bytes_in=self.bytes_in,
-                bytes_out=self.bytes_out,
-                started=self.started,
-                upstream_time=self.app_time,
-                upstream_answered=self.app_status is not None and proxy_status is None,
-                local_reply=self.local is not None,
-                request_too_large=proxy_status == 413,
-            ),
-        )
 
 
 class RequestInput:
@@ -612,10 +563,10 @@ class RequestInput:
         self._run = run
 
     def read(self, size: int | None = -1) -> bytes:
-        return self._run.read_body(-1 if size is None else size)
+        return self._run.read_forwarded(-1 if size is None else size)
 
     def readline(self, size: int | None = -1) -> bytes:
-        return self._run.read_body(-1 if size is None else size, line=True)
+        return self._run.read_forwarded(-1 if size is None else size, line=True)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         lines: list[bytes] = []
@@ -668,16 +619,3 @@ class _Response:
 def _content_length(environ: Mapping[str, Any]) -> int | None:
     value = str(environ.get("CONTENT_LENGTH") or "").strip()
     return int(value) if value.isdigit() else None
-
-
-def _connection(environ: Mapping[str, Any]) -> attributes.Connection:
-    def port(key: str) -> int:
-        value = str(environ.get(key) or "")
-        return int(value) if value.isdigit() else 0
-
-    return attributes.Connection(
-        source=(str(environ.get("REMOTE_ADDR", "")), port("REMOTE_PORT")),
-        destination=(str(environ.get("SERVER_NAME", "")), port("SERVER_PORT")),
-        protocol=str(environ.get("SERVER_PROTOCOL", "HTTP/1.1")),
-        start=datetime.datetime.now(datetime.UTC),
-    )

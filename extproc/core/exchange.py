@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import json
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,7 @@ from extproc.core.events import (
     TrailersReceived,
 )
 from extproc.core.mutations import apply_header_mutation
+from extproc.core.record import Ending, RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.models import Header, Headers
 
@@ -104,41 +105,27 @@ class _Side:
         return self.body_mode == modes.NONE or self.body_done
 
 
-@dataclass(slots=True)
-class Outcome:
-    """What the exchange did, for the access log and the stats."""
-
-    messages_sent: int = 0
-    messages_received: int = 0
-    spurious: int = 0
-    rejected_mutations: int = 0
-    failed_open: bool = False
-    timed_out: bool = False
-    immediate_response: bool = False
-    server_closed: bool = False
-    stream_error: int | None = None
-    details: str = ""
-    override_timeout_received: int = 0
-    override_timeout_ignored: int = 0
-
-
 class Exchange:
     """The ext_proc state of one HTTP request/response exchange."""
 
     def __init__(
-        self, settings: ExchangeSettings, connection: attributes.Connection | None = None
+        self,
+        settings: ExchangeSettings,
+        connection: Callable[[], attributes.Connection] | None = None,
+        record: RequestRecord | None = None,
     ) -> None:
         self.settings = settings
-        self.connection = connection or attributes.Connection()
+        # Asked for only when attributes are sent: most exchanges never build it.
+        self._connection_source = connection
+        self._connection: attributes.Connection | None = None
+        # Where the exchange writes what it did (the I/O side writes the rest).
+        self.record = record if record is not None else RequestRecord()
         self.observing = settings.observability_mode
-        # Dynamic metadata the processor returned, by namespace (receiving_namespaces only).
-        self.dynamic_metadata: dict[str, struct_pb2.Struct] = {}
         self.mode = settings.processing_mode
         self.complete = False
         self.stream_open = False
         self._timer_running = False
         self._timer_overridden = False
-        self.outcome = Outcome()
         mode = self.mode
         self._sides = {
             Direction.REQUEST: _Side(
@@ -320,12 +307,16 @@ class Exchange:
         its 500 for a response comes after that phase and goes straight to the client.
         """
         if side.direction is Direction.RESPONSE:
-            return self._finish(_local(500, b"Internal Server Error", "response_payload_too_large"))
+            return self._finish(
+                Ending.RESPONSE_TOO_LARGE,
+                _local(500, b"Internal Server Error", "response_payload_too_large"),
+            )
         side.discard = side.output_done = True
         side.awaiting = Awaiting.IDLE
         side.held = None
         side.buffer.clear()
-        self.outcome.details = "request_payload_too_large"
+        self.record.details = "request_payload_too_large"
+        self.record.request_too_large = True
         return [RespondFromProxy(413, b"Payload Too Large", "request_payload_too_large")]
 
     def _on_trailers(self, side: _Side, trailers: Headers) -> list[Action]:
@@ -397,7 +388,7 @@ class Exchange:
             config.send_body_without_waiting_for_header_response = (
                 self.settings.send_body_without_waiting_for_header_response
             )
-        self.outcome.messages_sent += 1
+        self.record.messages_sent += 1
         if timed:
             self._timer_running, self._timer_overridden = True, False
         return SendToProcessor(request, timed)
@@ -406,9 +397,11 @@ class Exchange:
         """metadata_context on every message; attributes on a direction's first one."""
         context = request.metadata_context
         context.SetInParent()
-        for namespace in self.settings.forwarding_namespaces:
-            if namespace in self.dynamic_metadata:
-                context.filter_metadata[namespace].CopyFrom(self.dynamic_metadata[namespace])
+        metadata = self.record.dynamic_metadata
+        if metadata:
+            for namespace in self.settings.forwarding_namespaces:
+                if namespace in metadata:
+                    context.filter_metadata[namespace].CopyFrom(metadata[namespace])
         names = (
             self.settings.request_attributes
             if side.direction is Direction.REQUEST
@@ -422,24 +415,33 @@ class Exchange:
                 names,
                 request_head,
                 response_head,
-                self.connection,
+                self._connection_info(),
                 self._sides[Direction.REQUEST].bytes_received,
             )
             request.attributes[attributes.ATTRIBUTES_KEY].CopyFrom(values)
+
+    def _connection_info(self) -> attributes.Connection:
+        if self._connection is None:
+            source = self._connection_source
+            self._connection = attributes.Connection() if source is None else source()
+        return self._connection
 
     def _receive_metadata(self, response: ep.ProcessingResponse) -> None:
         """Merge returned dynamic metadata, one level deep, for the listed namespaces."""
         for namespace, value in response.dynamic_metadata.fields.items():
             if namespace not in self.settings.receiving_namespaces:
                 continue
-            target = self.dynamic_metadata.setdefault(namespace, struct_pb2.Struct())
+            if self.record.dynamic_metadata is None:
+                self.record.dynamic_metadata = {}
+            target = self.record.dynamic_metadata.setdefault(namespace, struct_pb2.Struct())
             if value.HasField("struct_value"):
                 for key, item in value.struct_value.fields.items():
                     target.fields[key].CopyFrom(item)
 
     def metadata_json(self, namespace: str) -> str | None:
         """A namespace as Envoy's %DYNAMIC_METADATA(ns)% prints it: compact, sorted JSON."""
-        struct = self.dynamic_metadata.get(namespace)
+        metadata = self.record.dynamic_metadata
+        struct = None if metadata is None else metadata.get(namespace)
         if struct is None:
             return None
         data = json_format.MessageToDict(struct)
@@ -503,24 +505,24 @@ class Exchange:
             # Applied before the reply is validated, as Envoy does (spec §6.7).
             self._receive_metadata(response)
         if kind == "immediate_response" and not self.settings.disable_immediate_response:
-            self.outcome.messages_received += 1
+            self.record.messages_received += 1
             return self._immediate(response.immediate_response)
         handler = _DISPATCH.get(kind or "")
         if handler is not None:
             direction, phase = handler
             side = self._sides[direction]
             if self._expects(side, phase, response):
-                self.outcome.messages_received += 1
+                self.record.messages_received += 1
                 self._timer_running = False
                 if phase == "headers" and response.HasField("mode_override"):
                     self._override_mode(response.mode_override)
                 return self._dispatch(side, phase, response)
-        self.outcome.spurious += 1
+        self.record.spurious += 1
         if kind == "immediate_response":
             details = "unhandled_immediate_response_due_to_config_disabled_it"
         else:
             details = "spurious_message" if kind else "unhandled_message"
-        return self._fail(self.settings.status_on_error, details)
+        return self._fail(Ending.BAD_REPLY, self.settings.status_on_error, details)
 
     def _expects(self, side: _Side, phase: str, response: ep.ProcessingResponse) -> bool:
         if phase == "headers":
@@ -566,7 +568,7 @@ class Exchange:
             drop_content_length=side.strip_length,
             honor_append_action=self.settings.honor_append_action,
         )
-        self.outcome.rejected_mutations += result.rejected
+        self.record.rejected_mutations += result.rejected
         return result.error
 
     def _headers_reply(self, side: _Side, common: ep.CommonResponse) -> list[Action]:
@@ -574,8 +576,7 @@ class Exchange:
         assert headers is not None
         error = self._mutate(headers, common, side)
         if error:
-            # Mutation errors never fail open (Envoy: failure_mode_allow does not apply).
-            return self._finish(_local(self.settings.status_on_error, b"", error))
+            return self._mutation_failed(error)
         side.awaiting = Awaiting.IDLE
         if common.status == CONTINUE_AND_REPLACE:
             return self._replace(side, headers, common)
@@ -620,13 +621,13 @@ class Exchange:
         if headers is not None:
             error = self._mutate(headers, common, side)
             if error:
-                return self._finish(_local(self.settings.status_on_error, b"", error))
+                return self._mutation_failed(error)
         body = _mutated(common.body_mutation, bytes(side.buffer))
         side.buffer.clear()
         if headers is not None and common.HasField("body_mutation"):
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) != len(body):
-                return self._finish(_local(self.settings.status_on_error, b"", ERR_LENGTH_MISMATCH))
+                return self._mutation_failed(ERR_LENGTH_MISMATCH)
         side.body_done = True  # the rest, if any (trailers), passes through
         if headers is not None:
             actions = self._release(side, headers, body)
@@ -640,7 +641,7 @@ class Exchange:
         if headers is not None:
             error = self._mutate(headers, common, side)
             if error:
-                return self._finish(_local(self.settings.status_on_error, b"", error))
+                return self._mutation_failed(error)
         body = _mutated(common.body_mutation, bytes(side.buffer))
         side.buffer.clear()
         side.body_done = True
@@ -683,7 +684,7 @@ class Exchange:
                 trailers, ep.CommonResponse(header_mutation=response.header_mutation), side
             )
             if error:
-                return self._finish(_local(self.settings.status_on_error, b"", error))
+                return self._mutation_failed(error)
         return [*self._forward_trailers(side, trailers), *self._close_if_done()]
 
     def _duplex_trailers(self, side: _Side, response: ep.TrailersResponse) -> list[Action]:
@@ -698,7 +699,7 @@ class Exchange:
                 trailers, ep.CommonResponse(header_mutation=response.header_mutation), side
             )
             if error:
-                return self._finish(_local(self.settings.status_on_error, b"", error))
+                return self._mutation_failed(error)
         actions: list[Action] = []
         if side.held is not None:
             actions += self._release_head(side, side.held)
@@ -714,9 +715,9 @@ class Exchange:
             and 0.001 <= seconds <= self.settings.max_message_timeout
         ):
             self._timer_overridden = True
-            self.outcome.override_timeout_received += 1
+            self.record.override_timeout_received += 1
             return [RestartTimer(seconds)]
-        self.outcome.override_timeout_ignored += 1
+        self.record.override_timeout_ignored += 1
         return []
 
     def _override_mode(self, override: ep.ProcessingMode) -> None:
@@ -750,7 +751,6 @@ class Exchange:
                     side.held.remove(b"content-length")
 
     def _immediate(self, immediate: ep.ImmediateResponse) -> list[Action]:
-        self.outcome.immediate_response = True
         # Below 200 is Envoy's rule; from 1000 on there is no HTTP/1.1 status line to write.
         status = immediate.status.code if 200 <= immediate.status.code < 1000 else 200
         headers = Headers([(b":status", str(status).encode())])
@@ -763,7 +763,7 @@ class Exchange:
                 self.settings.limits,
                 honor_append_action=self.settings.honor_append_action,
             )
-            self.outcome.rejected_mutations += result.rejected
+            self.record.rejected_mutations += result.rejected
         status = int(headers.get(b":status") or status)
         body = immediate.body
         if body:
@@ -774,17 +774,20 @@ class Exchange:
             headers.remove(b"content-length")
             headers.remove(b"content-type")
         details = "_".join(immediate.details.split())
-        return self._finish(RespondLocally(status, headers, body, details))
+        return self._finish(
+            Ending.IMMEDIATE_RESPONSE, RespondLocally(status, headers, body, details)
+        )
 
     def _on_closed(self, event: ProcessorClosed) -> list[Action]:
         if event.code != 0:
-            self.outcome.stream_error = event.code
+            self.record.stream_error = event.code
         if self.complete:
             return []
         if event.code == 0:
-            self.outcome.server_closed = True
+            self.record.ending = Ending.PROCESSOR_CLOSED
             return self._release_all()
         return self._fail(
+            Ending.STREAM_ERROR,
             self.settings.status_on_error,
             _grpc_error_details(event.code, event.details),
         )
@@ -792,21 +795,28 @@ class Exchange:
     def _on_timeout(self) -> list[Action]:
         if self.complete:
             return []
-        self.outcome.timed_out = True
-        return self._fail(504, "ext_proc_error_per-message_timeout_exceeded")
+        return self._fail(
+            Ending.MESSAGE_TIMEOUT, 504, "ext_proc_error_per-message_timeout_exceeded"
+        )
 
     # Endings ------------------------------------------------------------------------------
 
-    def _fail(self, status: int, details: str) -> list[Action]:
+    def _fail(self, ending: Ending, status: int, details: str) -> list[Action]:
         duplex_started = any(s.duplex_data_sent for s in self._sides.values())
         if self.settings.failure_mode_allow and not duplex_started:
-            self.outcome.failed_open = True
-            self.outcome.details = details
+            record = self.record
+            record.ending, record.failed_open, record.details = ending, True, details
             return self._release_all()
-        return self._finish(_local(status, b"", details))
+        return self._finish(ending, _local(status, b"", details))
 
-    def _finish(self, reply: RespondLocally) -> list[Action]:
-        self.outcome.details = reply.details
+    def _mutation_failed(self, error: str) -> list[Action]:
+        # Mutation errors never fail open (Envoy: failure_mode_allow does not apply).
+        return self._finish(
+            Ending.MUTATION_ERROR, _local(self.settings.status_on_error, b"", error)
+        )
+
+    def _finish(self, ending: Ending, reply: RespondLocally) -> list[Action]:
+        self.record.ending, self.record.details = ending, reply.details
         for side in self._sides.values():
             side.awaiting = Awaiting.IDLE
             side.held = None

@@ -1,22 +1,21 @@
 """Runs HTTP exchanges on one downstream connection: h11 in, ext_proc exchange, upstream out.
 
-The worker thread that owns a connection calls :meth:`ConnectionHandler.serve`; it feeds what
-happens on the sockets and the processor stream into :class:`extproc.core.exchange.Exchange`
-and carries out the actions it returns. Each direction is pumped by one loop: read body input
-while the exchange wants it, otherwise wait for the processor. Every wait has a timeout.
+The worker thread that owns a connection calls :meth:`ConnectionHandler.serve`. Each request's
+exchange is run by :class:`extproc.io.request_loop.RequestLoop`; this module is its HTTP side
+over sockets (``_RequestRun``): it reads the request body from the client and the response
+from the upstream pool, writes what the loop forwards, and answers for a failed upstream.
+Every read has a timeout: the client's or the upstream's, or the message deadline if sooner.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import functools
 import itertools
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -24,23 +23,20 @@ import h11
 from extproc.config import ProcessorSettings, ProxyConfig
 from extproc.core import attributes, wire
 from extproc.core.events import (
-    Action,
-    BodyReceived,
     Direction,
     ForwardBody,
     ForwardHeaders,
     ForwardTrailers,
-    HeadersReceived,
-    RespondFromProxy,
     RespondLocally,
-    TrailersReceived,
 )
 from extproc.core.exchange import Exchange
+from extproc.core.record import RequestRecord
 from extproc.errors import UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
-from extproc.io.session import ProcessorSession, RequestFacts, record_request
+from extproc.io.request_loop import BodyPiece, RequestLoop, wall_clock
+from extproc.io.session import ProcessorSession
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
 from extproc.models import Headers
@@ -52,8 +48,6 @@ _DROP_LIMIT = 1024 * 1024
 # handing it back to the acceptor: a client's next request usually follows within a
 # round trip, and serving it on the same thread saves two thread hand-offs and four syscalls.
 KEEPALIVE_LINGER = 0.05
-
-BodyPiece = tuple[bytes, bool, list[tuple[bytes, bytes]] | None]
 
 
 class ConnectionAborted(Exception):
@@ -126,6 +120,9 @@ class Generation:
             new_request_id=new_request_id,
         )
         return cls(config, pool, processors, ingress)
+
+    def processor(self, settings: ProcessorSettings) -> ProcessorClient:
+        return self.processors[settings]
 
 
 class ConnectionHandler:
@@ -225,7 +222,7 @@ class ConnectionHandler:
         except ClientBodyError as err:
             if not run.response_started:
                 _raw_error(down.conn, err.status, str(err))
-                run.stats.status = err.status
+                run.record.status = err.status
             return False
         except (ConnectionAborted, OSError, h11.ProtocolError):
             return False
@@ -266,18 +263,9 @@ class _ProxyResponse:
         )
 
 
-@dataclass(slots=True)
-class _Stats:
-    start: float = field(default_factory=time.monotonic)
-    processor: float = 0.0
-    upstream: float = 0.0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    status: int = 0
-
-
 class _RequestRun:
-    """Everything about one request on a worker thread."""
+    """One request on a worker thread: the proxy's :class:`~extproc.io.request_loop.HttpSide`
+    over the downstream connection and an upstream one from the pool."""
 
     def __init__(self, handler: ConnectionHandler, down: Downstream, request: h11.Request):
         self.h = handler
@@ -285,21 +273,18 @@ class _RequestRun:
         self.timeouts = gen.config.timeouts
         self.down = down
         self.request = request
-        upstream = gen.config.upstream
-        settings, processor = gen.config.for_path(request.target)
-        self.processor = gen.processors[processor]
-        self.exchange = Exchange(
-            settings,
-            attributes.Connection(
-                source=down.peer,
-                destination=down.local,
-                upstream=(upstream.host, upstream.port),
-                connection_id=down.id,
-                start=datetime.datetime.now(datetime.UTC),
-            ),
+        self.record = RequestRecord(
+            started=time.monotonic(), method=request.method, path=request.target
         )
-        self.session = ProcessorSession(self.exchange, lambda: self.processor, self._forward)
-        self.local: RespondLocally | None = None
+        settings, processor = gen.config.for_path(request.target)
+        self.exchange = Exchange(settings, self._connection, self.record)
+        self.loop = RequestLoop(
+            self.exchange,
+            ProcessorSession(gen, processor, settings.message_timeout, self.record),
+            self,
+            handler.stats,
+            reply_first=False,
+        )
         self.upstream: Http1Connection | None = None
         self.upstream_reused = False
         self.upstream_request: h11.Request | None = None
@@ -308,9 +293,17 @@ class _RequestRun:
         self.response_started = False
         self.response_body_allowed = True
         self.close_after = False
-        self.stats = _Stats()
-        self.request_id = b""
         self.method = request.method
+
+    def _connection(self) -> attributes.Connection:
+        upstream = self.gen.config.upstream
+        return attributes.Connection(
+            source=self.down.peer,
+            destination=self.down.local,
+            upstream=(upstream.host, upstream.port),
+            connection_id=self.down.id,
+            start=wall_clock(self.record.started),
+        )
 
     # The exchange -----------------------------------------------------------------------
 
@@ -320,7 +313,7 @@ class _RequestRun:
         headers = wire.request_from_wire(
             req.method, req.target, req.headers, self.down.peer_ip, self.gen.ingress
         )
-        self.request_id = headers.get(b"x-request-id") or b""
+        self.record.request_id = headers.get(b"x-request-id") or b""
         if not has_body:
             # h11 yields the EndOfMessage of a bodiless request without reading the socket.
             self.down.conn.next_event(self.timeouts.client)
@@ -329,12 +322,12 @@ class _RequestRun:
                 h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"),
                 self.timeouts.client,
             )
-        self.session.feed(HeadersReceived(Direction.REQUEST, headers, not has_body))
-        self._run_direction(Direction.REQUEST, self._read_request_body)
-        if self.local is None:
+        loop = self.loop
+        loop.begin(Direction.REQUEST, headers, not has_body)
+        loop.run(Direction.REQUEST)
+        if loop.local is None:
             self._respond()
-        if self.local is not None:
-            self._reply_locally(self.local)
+        loop.answer()
 
     def _respond(self) -> None:
         """The response phase: from the upstream, or from the proxy when it failed."""
@@ -342,69 +335,37 @@ class _RequestRun:
             self._await_upstream_head()
         if self.proxy_response is not None:
             self._close_upstream()
-            headers, eos, read = self.proxy_response.headers(), False, self._read_proxy_body
+            headers, eos = self.proxy_response.headers(), False
         else:
             assert self.upstream is not None
             headers, eos = self._response_head
-            read = self._read_upstream_body
-        self.session.feed(HeadersReceived(Direction.RESPONSE, headers, eos))
-        self._run_direction(Direction.RESPONSE, read)
+        self.loop.begin(Direction.RESPONSE, headers, eos)
+        self.loop.run(Direction.RESPONSE)
 
-    def _run_direction(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
-        ex = self.exchange
-        read_piece = functools.partial(self._read_into, direction, read)
-        # Input is read to its end even once the output is done: a replaced body is drained.
-        while self.local is None and (not ex.output_done(direction) or ex.wants_input(direction)):
-            if direction is Direction.REQUEST and self.proxy_response is not None:
-                return  # the upstream is gone: nothing more to send it
-            self.session.turn(direction, read_piece, reply_first=False)
+    # HttpSide ---------------------------------------------------------------------------
 
-    def _read_into(self, direction: Direction, read: Callable[[float], BodyPiece]) -> None:
-        left = self.session.time_left()
-        if left <= 0:
-            self.session.wait_reply(0)  # the message deadline passed: a reply now, or the timeout
-            return
-        try:
-            data, eos, trailers = read(min(left, self._io_timeout(direction)))
-        except TimeoutError as err:
-            if left > self._io_timeout(direction):
-                if direction is Direction.REQUEST:
-                    raise ClientBodyError(408, "request body timeout") from err
-                raise
-            self.session.wait_reply(0)  # the message deadline passed while reading
-            return
+    @property
+    def responding_from_proxy(self) -> bool:
+        return self.proxy_response is not None
+
+    def read_body(self, direction: Direction, limit: float) -> BodyPiece | None:
+        if direction is Direction.RESPONSE and self.proxy_response is not None:
+            return self.proxy_response.body, True, None
         if direction is Direction.REQUEST:
-            self.stats.bytes_in += len(data)
-        # Replies that came while the read blocked go first, as Envoy takes events in arrival
-        # order: an ImmediateResponse among them ends the exchange before this piece is sent.
-        if not self._take_ready_replies():
-            return
-        self.session.feed(BodyReceived(direction, data, eos))
-        if trailers is not None and self.local is None:
-            self.session.feed(TrailersReceived(direction, Headers(trailers)))
-        self._take_ready_replies()
+            timeout, read = self.timeouts.client, self._read_request_body
+        else:
+            timeout, read = self.timeouts.upstream, self._read_upstream_body
+        try:
+            return read(min(limit, timeout))
+        except TimeoutError as err:
+            if limit <= timeout:
+                return None  # the message deadline passed while reading
+            if direction is Direction.REQUEST:
+                raise ClientBodyError(408, "request body timeout") from err
+            raise
 
-    def _take_ready_replies(self) -> bool:
-        """Feed the replies already waiting; False once the exchange is answered locally."""
-        while self.local is None and self.session.replies_ready():
-            self.session.wait_reply(0)
-        return self.local is None
-
-    def _io_timeout(self, direction: Direction) -> float:
-        return self.timeouts.client if direction is Direction.REQUEST else self.timeouts.upstream
-
-    def _forward(self, action: Action) -> None:
-        """The exchange's actions for the HTTP side (the session keeps the processor's)."""
-        if isinstance(action, ForwardHeaders):
-            self._forward_headers(action)
-        elif isinstance(action, ForwardBody):
-            self._forward_body(action)
-        elif isinstance(action, ForwardTrailers):
-            self._forward_trailers(action)
-        elif isinstance(action, RespondLocally):
-            self.local = action
-        elif isinstance(action, RespondFromProxy):
-            self.proxy_response = _ProxyResponse(action.status, action.body)
+    def respond_from_proxy(self, status: int, body: bytes) -> None:
+        self.proxy_response = _ProxyResponse(status, body)
 
     def _drop_sent_request_body(self) -> None:
         """Read and drop, without waiting, what the client already sent of a request body the
@@ -421,23 +382,13 @@ class _RequestRun:
 
     # Forwarding -------------------------------------------------------------------------
 
-    def _forward_headers(self, action: ForwardHeaders) -> None:
+    def forward_headers(self, action: ForwardHeaders) -> None:
         if action.direction is Direction.RESPONSE:
             self._send_head(action.headers, action.body_length, action.end_of_stream)
             return
-        for namespace, header in self.exchange.settings.metadata_headers:
-            # What Envoy users do with request_headers_to_add: "%DYNAMIC_METADATA(ns)%".
-            value = self.exchange.metadata_json(namespace)
-            if value is not None:
-                action.headers.set(header, value.encode())
         method, target, wire_headers = wire.request_to_wire(
             action.headers, action.body_length, not action.end_of_stream
         )
-        if not wire.request_line_is_valid(method, target):
-            self.proxy_response = _ProxyResponse(
-                503, wire.UPSTREAM_RESET + b"connection termination"
-            )
-            return
         self.method = method
         self.upstream_request = h11.Request(method=method, target=target, headers=wire_headers)
         try:
@@ -449,7 +400,7 @@ class _RequestRun:
         if action.end_of_stream:
             self._to_upstream(h11.EndOfMessage())
 
-    def _forward_body(self, action: ForwardBody) -> None:
+    def forward_body(self, action: ForwardBody) -> None:
         if action.direction is Direction.REQUEST:
             if action.data:
                 self._to_upstream(h11.Data(data=action.data))
@@ -459,12 +410,12 @@ class _RequestRun:
         if action.data and self.response_body_allowed:
             # A body a processor gives a HEAD, 204 or 304 response is dropped: one byte of it
             # would be read as the start of the next response on the connection.
-            self.stats.bytes_out += len(action.data)
+            self.record.bytes_out += len(action.data)
             self.down.conn.send(h11.Data(data=action.data), self.timeouts.client)
         if action.end_of_stream:
             self.down.conn.send(h11.EndOfMessage(), self.timeouts.client)
 
-    def _forward_trailers(self, action: ForwardTrailers) -> None:
+    def forward_trailers(self, action: ForwardTrailers) -> None:
         trailers = [(n, v) for n, v in action.trailers]
         if action.direction is Direction.REQUEST:
             self._to_upstream(h11.EndOfMessage(headers=trailers))
@@ -513,7 +464,7 @@ class _RequestRun:
                     503, wire.UPSTREAM_RESET + b"connection termination"
                 )
         finally:
-            self.stats.upstream += time.monotonic() - started
+            self.record.upstream_time += time.monotonic() - started
 
     def _retry_on_fresh_connection(self) -> bool:
         """A kept-alive connection the upstream had just closed: once more, afresh.
@@ -569,10 +520,6 @@ class _RequestRun:
             self._close_upstream()
             raise ConnectionAborted("upstream broke mid-response") from err
 
-    def _read_proxy_body(self, timeout: float) -> BodyPiece:
-        assert self.proxy_response is not None
-        return self.proxy_response.body, True, None
-
     def _read_request_body(self, timeout: float) -> BodyPiece:
         try:
             return self.down.conn.read_body(timeout)
@@ -583,12 +530,12 @@ class _RequestRun:
 
     # Downstream -------------------------------------------------------------------------
 
-    def _reply_locally(self, reply: RespondLocally) -> None:
+    def answer_locally(self, reply: RespondLocally) -> None:
         if self.response_started:
             # Envoy resets the stream: on HTTP/1.1 the connection goes, mid-response.
             raise ConnectionAborted(f"local reply after the response started: {reply.details}")
         self._close_upstream()
-        self.stats.status = reply.status
+        self.record.status = reply.status
         allowed = wire.response_may_have_body(reply.status, self.method)
         self._send_head(
             reply.headers,
@@ -598,7 +545,7 @@ class _RequestRun:
             body_follows=True,
         )
         if allowed and reply.body:
-            self._forward_body(ForwardBody(Direction.RESPONSE, reply.body, True))
+            self.forward_body(ForwardBody(Direction.RESPONSE, reply.body, True))
 
     def _send_head(
         self,
@@ -621,7 +568,7 @@ class _RequestRun:
             # The request body was not read (local reply): the connection cannot be reused.
             wire_headers.append((b"connection", b"close"))
             self.close_after = True
-        self.stats.status = status
+        self.record.status = status
         response = h11.Response(status_code=status, reason=reason, headers=wire_headers)
         if end_of_stream:
             self.down.conn.hold(response)
@@ -644,32 +591,12 @@ class _RequestRun:
         )
 
     def finish(self) -> None:
-        """Release everything the request held and write its access-log entry."""
-        if self.exchange.observing:
-            self.session.close_later(self.processor)
-        self.session.close()
+        """Release everything the request held and record it."""
         if self.upstream is not None:
             if not self.gen.pool.release(self.upstream):
                 self.h.stats.upstream_cx_protocol_error.inc()
             self.upstream = None
-        record_request(
-            self.h.stats,
-            self.session,
-            RequestFacts(
-                method=self.request.method,
-                path=self.request.target,
-                status=self.stats.status,
-                request_id=self.request_id,
-                bytes_in=self.stats.bytes_in,
-                bytes_out=self.stats.bytes_out,
-                started=self.stats.start,
-                upstream_time=self.stats.upstream,
-                upstream_answered=(
-                    self.upstream_request is not None and self.proxy_response is None
-                ),
-                local_reply=self.local is not None,
-                request_too_large=(
-                    self.proxy_response is not None and self.proxy_response.status == 413
-                ),
-            ),
+        self.record.upstream_answered = (
+            self.upstream_request is not None and self.proxy_response is None
         )
+        self.loop.finish()

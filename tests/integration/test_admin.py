@@ -13,10 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc import cli
 from extproc.config import Address, Overrides, build_config
+from extproc.core.record import RequestRecord
 from extproc.demo.upstream import EchoUpstream
 from extproc.io.admin import AdminServer
 from extproc.io.server import ProxyServer
-from extproc.metrics import ExchangeFacts, Stats, record_exchange
+from extproc.metrics import Stats, record_exchange
 from tests.support.processor import ScriptedProcessor
 from tests.support.proxy import request, running_proxy
 
@@ -41,11 +42,9 @@ def stats() -> Stats:
     stats = Stats("foo")
     record_exchange(
         stats,
-        ExchangeFacts(
-            stream_started=True,
+        RequestRecord(
             messages_sent=2,
             messages_received=2,
-            stream_closed=True,
             status=200,
             duration=0.004,
             processor_time=0.001,

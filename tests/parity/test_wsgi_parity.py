@@ -29,7 +29,7 @@ from structlog.testing import LogCapture
 
 from extproc import logs
 from extproc.demo.upstream import EchoUpstream
-from extproc.io import session
+from extproc.io import request_loop
 from extproc.metrics import Stats
 from tests.parity import test_bodies_parity as bodies
 from tests.parity import test_control_parity as control
@@ -382,7 +382,7 @@ def _capture_access_log(monkeypatch: pytest.MonkeyPatch, capture: LogCapture) ->
     logger = structlog.wrap_logger(
         structlog.ReturnLogger(), processors=[capture], wrapper_class=structlog.BoundLogger
     )
-    monkeypatch.setattr(session, "access_log", logger)
+    monkeypatch.setattr(request_loop, "access_log", logger)
     # As when embedded in a host that set up structlog itself: its logger decides what to keep.
     monkeypatch.setattr(logs, "configured_level", None)
 
@@ -400,8 +400,8 @@ def _access_entries(logs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def test_access_log_line_is_the_proxys(monkeypatch: pytest.MonkeyPatch) -> None:
     """One ``extproc.access`` "request" event per request, with the proxy's fields and values
     (times and the generated request id aside), dynamic metadata included: both write it with
-    extproc.io.session.record_request, whose logger is swapped here for a capturing one (the
-    session's logging is configured at warning level and caches its loggers)."""
+    extproc.io.request_loop.RequestLoop.finish, whose logger is swapped here for a capturing one
+    (the session's logging is configured at warning level and caches its loggers)."""
     proxy_logs, wsgi_logs = LogCapture(), LogCapture()
     with (
         EchoUpstream() as upstream,

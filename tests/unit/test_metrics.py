@@ -26,11 +26,11 @@ from extproc.core.events import (
     RespondLocally,
 )
 from extproc.core.exchange import Exchange
+from extproc.core.record import RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.metrics import (
     EXT_PROC_COUNTERS,
     QUANTILES,
-    ExchangeFacts,
     Stats,
     record_exchange,
 )
@@ -234,28 +234,31 @@ def run_exchange(case: Case) -> tuple[Exchange, bool]:
     return exchange, local_reply
 
 
-def facts_of(exchange: Exchange, local_reply: bool, **kw: Any) -> ExchangeFacts:
-    given: dict[str, Any] = {
-        "request_too_large": False,
-        "status": 200,
-        "duration": 0.01,
-        "upstream_time": None,
-        "processor_time": 0.002,
-    }
-    return ExchangeFacts.from_outcome(exchange.outcome, local_reply=local_reply, **given | kw)
+def record_of(exchange: Exchange, local_reply: bool, **kw: Any) -> RequestRecord:
+    """The exchange's record with what the I/O side writes; the record knows on its own
+    whether the exchange answered locally."""
+    record = exchange.record
+    assert record.answered_locally == local_reply
+    given: dict[str, Any] = {"status": 200, "duration": 0.01, "processor_time": 0.002}
+    for name, value in (given | kw).items():
+        setattr(record, name, value)
+    return record
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_record_exchange_counts_as_envoy_does(case: Case) -> None:
     exchange, local_reply = run_exchange(case)
     stats = Stats()
-    record_exchange(stats, facts_of(exchange, local_reply))
+    record_exchange(stats, record_of(exchange, local_reply))
     assert ext_proc_counters(stats) == case.expected
 
 
 def test_no_processor_traffic_counts_only_the_request() -> None:
     stats = Stats()
-    record_exchange(stats, ExchangeFacts(status=204, duration=0.001, upstream_time=0.0005))
+    record_exchange(
+        stats,
+        RequestRecord(status=204, duration=0.001, upstream_time=0.0005, upstream_answered=True),
+    )
     assert ext_proc_counters(stats) == {}
     snapshot = stats.snapshot()
     assert snapshot["http.ingress.downstream_rq_total"] == 1
@@ -270,10 +273,34 @@ def test_an_error_after_processing_ended_is_a_failure_only() -> None:
     case = Case("late", [REQUEST_HEADERS, IMMEDIATE_403, ProcessorClosed(14, "gone")], {})
     exchange, local_reply = run_exchange(case)
     stats = Stats()
-    record_exchange(stats, facts_of(exchange, local_reply, status=403))
+    record_exchange(stats, record_of(exchange, local_reply, status=403))
     counters = ext_proc_counters(stats)
     assert counters["streams_failed"] == 1 and counters["streams_closed"] == 1
     assert "server_half_closed" not in counters
+
+
+def test_counts_follow_how_processing_ended_not_the_details_text() -> None:
+    # A processor may write any details: these are Envoy's own texts for other endings.
+    case = Case(
+        "details",
+        [
+            REQUEST_HEADERS,
+            reply(
+                immediate_response=ep.ImmediateResponse(
+                    status={"code": 403}, details="response_payload_too_large"
+                )
+            ),
+            ProcessorClosed(14, "gone"),
+        ],
+        {},
+    )
+    exchange, local_reply = run_exchange(case)
+    stats = Stats()
+    record_exchange(stats, record_of(exchange, local_reply, status=403))
+    snapshot = stats.snapshot()
+    assert snapshot[EXT_PROC + "immediate_responses_sent"] == 1
+    assert snapshot["http.ingress.rs_too_large"] == 0
+    assert snapshot[EXT_PROC + "server_half_closed"] == 0
 
 
 def test_a_response_body_over_the_limit_is_rs_too_large_not_an_immediate_response() -> None:
@@ -292,16 +319,16 @@ def test_a_response_body_over_the_limit_is_rs_too_large_not_an_immediate_respons
     )
     exchange, local_reply = run_exchange(case)
     stats = Stats()
-    record_exchange(stats, facts_of(exchange, local_reply, status=500))
+    record_exchange(stats, record_of(exchange, local_reply, status=500))
     snapshot = stats.snapshot()
     assert snapshot["http.ingress.rs_too_large"] == 1
     assert snapshot[EXT_PROC + "immediate_responses_sent"] == 0
     assert snapshot["http.ingress.downstream_rq_5xx"] == 1
 
 
-def test_request_too_large_is_counted_from_the_driver_fact() -> None:
+def test_request_too_large_is_counted_from_the_record() -> None:
     stats = Stats()
-    record_exchange(stats, ExchangeFacts(status=413, request_too_large=True))
+    record_exchange(stats, RequestRecord(status=413, request_too_large=True))
     snapshot = stats.snapshot()
     assert snapshot["http.ingress.downstream_rq_too_large"] == 1
     assert snapshot["http.ingress.downstream_rq_4xx"] == 1
@@ -450,14 +477,13 @@ def test_prometheus_text_parses_with_the_same_values() -> None:
     stats = Stats("foo")
     record_exchange(
         stats,
-        ExchangeFacts(
-            stream_started=True,
+        RequestRecord(
             messages_sent=2,
             messages_received=2,
-            stream_closed=True,
             status=201,
             duration=0.02,
             upstream_time=0.01,
+            upstream_answered=True,
             processor_time=0.004,
         ),
     )

@@ -20,6 +20,7 @@ from extproc.core.events import (
 )
 from extproc.core.exchange import Exchange
 from extproc.core.mutations import MutationRules
+from extproc.core.record import Ending
 from extproc.core.settings import ExchangeSettings
 from extproc.models import Headers
 
@@ -87,7 +88,7 @@ def test_default_mode_sends_both_header_phases_then_closes() -> None:
 
     actions = ex.handle(reply(response_headers=ep.HeadersResponse()))
     assert [type(a) for a in actions] == [ForwardHeaders, CloseStream]
-    assert ex.complete and ex.outcome.messages_sent == 2 and ex.outcome.messages_received == 2
+    assert ex.complete and ex.record.messages_sent == 2 and ex.record.messages_received == 2
 
 
 def test_skip_both_sends_nothing() -> None:
@@ -148,7 +149,7 @@ def test_immediate_response_on_request_headers() -> None:
         (b"content-length", b"6"),
         (b"content-type", b"text/plain"),
     ]
-    assert ex.complete and ex.outcome.immediate_response
+    assert ex.complete and ex.record.ending is Ending.IMMEDIATE_RESPONSE
     assert ex.handle(reply(request_headers=ep.HeadersResponse())) == []
 
 
@@ -181,7 +182,7 @@ def test_disabled_immediate_response_is_spurious() -> None:
     out = local(ex.handle(immediate()))
     assert out.status == 500
     assert out.details == "unhandled_immediate_response_due_to_config_disabled_it"
-    assert ex.outcome.spurious == 1
+    assert ex.record.spurious == 1
 
 
 def test_spurious_reply_fails_closed_with_status_on_error() -> None:
@@ -202,7 +203,7 @@ def test_spurious_reply_fails_open_with_failure_mode_allow() -> None:
     ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True))
     actions = ex.handle(reply(response_headers=ep.HeadersResponse()))
     assert actions == [CloseStream(), ForwardHeaders(Direction.REQUEST, REQUEST, True, None)]
-    assert ex.outcome.failed_open
+    assert ex.record.failed_open
     assert ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True)) == [
         ForwardHeaders(Direction.RESPONSE, RESPONSE, True, None)
     ]
@@ -222,7 +223,7 @@ def test_grpc_error_fails_open_unmodified() -> None:
         CloseStream(),
         ForwardHeaders(Direction.REQUEST, REQUEST, True, None),
     ]
-    assert ex.outcome.stream_error == 14
+    assert ex.record.stream_error == 14
 
 
 def test_timeout_is_504_not_status_on_error() -> None:
@@ -250,7 +251,7 @@ def test_ok_close_releases_unmodified_and_stops_processing() -> None:
         CloseStream(),
         ForwardHeaders(Direction.REQUEST, REQUEST, True, None),
     ]
-    assert ex.outcome.server_closed and not ex.outcome.failed_open
+    assert ex.record.ending is Ending.PROCESSOR_CLOSED and not ex.record.failed_open
     assert ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True)) == [
         ForwardHeaders(Direction.RESPONSE, RESPONSE, True, None)
     ]
@@ -274,7 +275,7 @@ def test_rejected_mutations_are_counted_and_request_continues() -> None:
         reply(request_headers=ep.HeadersResponse(response=set_header("x-envoy-a", b"1")))
     )
     assert isinstance(actions[0], ForwardHeaders)
-    assert ex.outcome.rejected_mutations == 1
+    assert ex.record.rejected_mutations == 1
 
 
 def test_continue_and_replace_may_change_method() -> None:

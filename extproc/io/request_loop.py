@@ -1,0 +1,263 @@
+"""The exchange loop of one HTTP request, shared by the proxy's driver and the WSGI middleware.
+
+:class:`RequestLoop` feeds what happens into the :class:`~extproc.core.exchange.Exchange` and
+carries out what it returns: the processor's actions on the
+:class:`~extproc.io.session.ProcessorSession`, the HTTP side's through :class:`HttpSide`, which
+the driver implements over sockets and the middleware over WSGI. The HTTP side never calls
+back into the loop: it reads and writes when the loop asks it to.
+
+Each direction runs in steps: read a piece of body while the exchange wants input, else wait
+for the processor. Replies that came during a read are taken before the piece is fed, as
+Envoy takes events in arrival order. When the request is over, :meth:`RequestLoop.finish`
+writes the access-log line and counts the stats from the request's
+:class:`~extproc.core.record.RequestRecord`, the same for both, so an operator reads a
+middleware as a proxy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from typing import Any, Protocol
+
+import structlog
+from google.protobuf import json_format
+
+from extproc import logs
+from extproc.core import wire
+from extproc.core.events import (
+    BodyReceived,
+    CloseStream,
+    Direction,
+    Event,
+    ForwardBody,
+    ForwardHeaders,
+    ForwardTrailers,
+    HeadersReceived,
+    RespondFromProxy,
+    RespondLocally,
+    RestartTimer,
+    SendToProcessor,
+    TrailersReceived,
+)
+from extproc.core.exchange import Exchange
+from extproc.core.record import RequestRecord
+from extproc.io.session import ProcessorSession
+from extproc.metrics import Stats, record_exchange
+from extproc.models import Header, Headers
+
+access_log = structlog.get_logger("extproc.access")
+
+# A piece of body: its bytes, whether it ends the body, and the trailers that end it instead.
+BodyPiece = tuple[bytes, bool, list[Header] | None]
+
+
+class HttpSide(Protocol):
+    """The HTTP I/O of one request, as the loop drives it."""
+
+    @property
+    def responding_from_proxy(self) -> bool:
+        """Whether the proxy answers in the upstream's place: the request goes no further."""
+        ...
+
+    def read_body(self, direction: Direction, limit: float) -> BodyPiece | None:
+        """The next piece of the direction's body, or None when ``limit`` seconds (the
+        message deadline) passed first. A side whose reads cannot be bounded ignores it."""
+        ...
+
+    def forward_headers(self, action: ForwardHeaders) -> None: ...
+
+    def forward_body(self, action: ForwardBody) -> None: ...
+
+    def forward_trailers(self, action: ForwardTrailers) -> None: ...
+
+    def respond_from_proxy(self, status: int, body: bytes) -> None:
+        """Answer in the upstream's place; the reply still goes through the response phase."""
+        ...
+
+    def answer_locally(self, reply: RespondLocally) -> None:
+        """Send ext_proc's reply to the client, or abort if the response already started."""
+        ...
+
+
+class RequestLoop:
+    """Runs one request's exchange between its HTTP side and its processor session."""
+
+    __slots__ = ("exchange", "session", "record", "local", "_http", "_stats", "_reply_first")
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        session: ProcessorSession,
+        http: HttpSide,
+        stats: Stats,
+        *,
+        reply_first: bool,
+    ) -> None:
+        self.exchange = exchange
+        self.session = session
+        self.record = exchange.record
+        self.local: RespondLocally | None = None  # ext_proc's reply, once it made one
+        self._http = http
+        self._stats = stats
+        # Await a timed reply before reading more input: for input that may be slow to come
+        # (WSGI reads cannot be bounded) and must not hold up what was already read.
+        self._reply_first = reply_first
+
+    def begin(self, direction: Direction, headers: Headers, end_of_stream: bool) -> None:
+        """The direction's head arrived."""
+        self._feed(HeadersReceived(direction, headers, end_of_stream))
+
+    def step(self, direction: Direction) -> bool:
+        """One turn of a direction: read a piece, or wait for the processor; False once the
+        direction has nothing more to do."""
+        ex = self.exchange
+        # Input is read to its end even once the output is done: a replaced body is drained.
+        if self.local is not None or (ex.output_done(direction) and not ex.wants_input(direction)):
+            return False
+        if direction is Direction.REQUEST and self._http.responding_from_proxy:
+            return False  # the upstream is gone: nothing more to send it
+        if self._reply_first and ex.awaiting_reply and ex.timer_running:
+            self._wait_reply(self.session.time_left())
+        elif ex.wants_input(direction):
+            self._read(direction)
+        elif ex.awaiting_reply:
+            self._wait_reply(self.session.time_left())
+        else:
+            raise RuntimeError(f"exchange stuck in the {direction.value} direction")
+        return True
+
+    def run(self, direction: Direction) -> None:
+        """Steps until the direction is done."""
+        while self.step(direction):
+            pass
+
+    def answer(self) -> bool:
+        """Carry out ext_proc's reply, if it made one; whether it did."""
+        if self.local is None:
+            return False
+        self._http.answer_locally(self.local)
+        return True
+
+    def finish(self) -> None:
+        """Close the processor stream and record the request (access log and stats)."""
+        if self.exchange.observing:
+            self.session.close_later(self.exchange.settings.deferred_close_timeout)
+        self.session.close()
+        record = self.record
+        record.duration = time.monotonic() - record.started
+        # The line's fields cost a few µs to gather: not for a level that drops it.
+        if logs.keeps(logging.INFO):
+            _log_request(record)
+        record_exchange(self._stats, record)
+
+    # The loop ---------------------------------------------------------------------------
+
+    def _read(self, direction: Direction) -> None:
+        left = self.session.time_left()
+        if left <= 0:
+            self._wait_reply(0)  # the message deadline passed: a reply now, or the timeout
+            return
+        piece = self._http.read_body(direction, left)
+        if piece is None:
+            self._wait_reply(0)  # the message deadline passed while reading
+            return
+        data, eos, trailers = piece
+        if direction is Direction.REQUEST:
+            self.record.bytes_in += len(data)
+        # Replies that came while the read blocked go first, as Envoy takes events in arrival
+        # order: an ImmediateResponse among them ends the exchange before this piece is sent.
+        if not self._take_ready_replies():
+            return
+        self._feed(BodyReceived(direction, data, eos))
+        if trailers is not None and self.local is None:
+            self._feed(TrailersReceived(direction, Headers(trailers)))
+        self._take_ready_replies()
+
+    def _take_ready_replies(self) -> bool:
+        """Feed the replies already waiting; False once the exchange is answered locally."""
+        while self.local is None and self.session.replies_ready():
+            self._wait_reply(0)
+        return self.local is None
+
+    def _wait_reply(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the processor, and feed what happened."""
+        self._feed(self.session.wait(timeout))
+        if not self.exchange.timer_running:
+            self.session.stop_timer()
+
+    def _feed(self, event: Event) -> None:
+        session, http = self.session, self._http
+        for action in self.exchange.handle(event):
+            if isinstance(action, SendToProcessor):
+                session.send(action.request, action.timed)
+            elif isinstance(action, ForwardBody):
+                http.forward_body(action)
+            elif isinstance(action, ForwardHeaders):
+                self._forward_headers(action)
+            elif isinstance(action, ForwardTrailers):
+                http.forward_trailers(action)
+            elif isinstance(action, CloseStream):
+                session.close()
+            elif isinstance(action, RestartTimer):
+                session.restart_timer(action.timeout)
+            elif isinstance(action, RespondLocally):
+                self.local = action
+            elif isinstance(action, RespondFromProxy):
+                http.respond_from_proxy(action.status, action.body)
+        if self.exchange.streams_replies:
+            session.start_pump()
+
+    def _forward_headers(self, action: ForwardHeaders) -> None:
+        if action.direction is Direction.RESPONSE:
+            self._http.forward_headers(action)
+            return
+        headers = action.headers
+        for namespace, header in self.exchange.settings.metadata_headers:
+            # What Envoy users do with request_headers_to_add: "%DYNAMIC_METADATA(ns)%".
+            value = self.exchange.metadata_json(namespace)
+            if value is not None:
+                headers.set(header, value.encode())
+        if not wire.request_line_is_valid(
+            headers.get(b":method") or b"", headers.get(b":path") or b""
+        ):
+            # Envoy's codec refuses to encode a request line a processor broke, and answers
+            # 503: the upstream (or the app) never sees it.
+            self._http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
+            return
+        self._http.forward_headers(action)
+
+
+def wall_clock(started: float) -> datetime.datetime:
+    """The wall-clock time of the monotonic moment ``started``: worked out when attributes
+    ask for it, so a request reads the wall clock only then."""
+    return datetime.datetime.fromtimestamp(time.time() - (time.monotonic() - started), datetime.UTC)
+
+
+def _log_request(record: RequestRecord) -> None:
+    phases = record.phase_times or {}
+    access_log.info(
+        "request",
+        method=record.method.decode("latin-1"),
+        path=record.path.decode("latin-1"),
+        status=record.status,
+        request_id=record.request_id.decode("latin-1"),
+        bytes_in=record.bytes_in,
+        bytes_out=record.bytes_out,
+        duration_ms=round(record.duration * 1000, 3),
+        upstream_ms=round(record.upstream_time * 1000, 3),
+        processor_ms=round(record.processor_time * 1000, 3),
+        processor_phases_ms={phase: round(t * 1000, 3) for phase, t in phases.items()},
+        details=record.details,
+        failed_open=record.failed_open,
+        **_metadata_fields(record),
+    )
+
+
+def _metadata_fields(record: RequestRecord) -> dict[str, Any]:
+    """The request's dynamic metadata for the access log, when a processor set some."""
+    metadata = record.dynamic_metadata
+    if not metadata:
+        return {}
+    return {"dynamic_metadata": {ns: json_format.MessageToDict(v) for ns, v in metadata.items()}}
