@@ -59,7 +59,7 @@ from extproc.core.record import RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
-from extproc.io.request_loop import BodyPiece, RequestLoop, wall_clock
+from extproc.io.request_loop import BodyPiece, PassThrough, RequestLoop, wall_clock
 from extproc.io.session import ProcessorSession
 from extproc.metrics import Stats
 from extproc.models import Header, Headers
@@ -285,17 +285,20 @@ class _Run:
         self.request = headers
         self.method = headers.get(b":method") or b"GET"
         self.record = RequestRecord(started=time.monotonic())
-        self.exchange = Exchange(settings, self._connection, self.record)
-        # Replies first: the next piece may be slow to come (the client's upload, the app's
-        # stream of events) and what is already read, or the head the app waits for, must
-        # not wait for it.
-        self.loop = RequestLoop(
-            self.exchange,
-            ProcessorSession(middleware, target, settings.message_timeout, self.record),
-            self,
-            middleware.stats,
-            reply_first=True,
-        )
+        self.loop: RequestLoop | PassThrough
+        if settings.passes_through:
+            self.loop = PassThrough(self.record, self, middleware.stats)
+        else:
+            # Replies first: the next piece may be slow to come (the client's upload, the
+            # app's stream of events) and what is already read, or the head the app waits
+            # for, must not wait for it.
+            self.loop = RequestLoop(
+                Exchange(settings, self._connection, self.record),
+                ProcessorSession(middleware, target, settings.message_timeout, self.record),
+                self,
+                middleware.stats,
+                reply_first=True,
+            )
         self.proxy_response: tuple[int, bytes] | None = None
         self.request_head: ForwardHeaders | None = None
         self.request_body = bytearray()  # forwarded, not yet read by the app

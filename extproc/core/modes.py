@@ -37,6 +37,19 @@ def strips_content_length(body_mode: int, header_mode: int) -> bool:
     return bool(body_mode == BUFFERED and header_mode == SKIP)
 
 
+def sends_nothing(mode: ProcessingMode) -> bool:
+    """Whether no message of an exchange in this mode ever goes to the processor (no reply can
+    then override the mode either)."""
+    return bool(
+        mode.request_header_mode == SKIP
+        and mode.response_header_mode == SKIP
+        and mode.request_body_mode == NONE
+        and mode.response_body_mode == NONE
+        and mode.request_trailer_mode != SEND
+        and mode.response_trailer_mode != SEND
+    )
+
+
 def merge_override(base: ProcessingMode, override: ProcessingMode) -> ProcessingMode:
     merged = ProcessingMode()
     merged.CopyFrom(base)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 
+from extproc.core import modes
 from extproc.core.matchers import ForwardRules
 from extproc.core.mutations import HeaderLimits, MutationRules
 
@@ -46,6 +47,12 @@ class ExchangeSettings:
     forwarding_namespaces: tuple[str, ...] = ()
     # extproc only: dynamic metadata namespaces handed upstream as JSON request headers
     metadata_headers: tuple[tuple[str, bytes], ...] = ()
+    # No message ever goes to the processor: the request needs no exchange at all.
+    passes_through: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        passes = not self.observability_mode and modes.sends_nothing(self.processing_mode)
+        object.__setattr__(self, "passes_through", passes)
 
     @classmethod
     def from_proto(

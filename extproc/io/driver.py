@@ -35,7 +35,7 @@ from extproc.errors import UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
-from extproc.io.request_loop import BodyPiece, RequestLoop, wall_clock
+from extproc.io.request_loop import BodyPiece, PassThrough, RequestLoop, wall_clock
 from extproc.io.session import ProcessorSession
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
@@ -277,14 +277,17 @@ class _RequestRun:
             started=time.monotonic(), method=request.method, path=request.target
         )
         settings, processor = gen.config.for_path(request.target)
-        self.exchange = Exchange(settings, self._connection, self.record)
-        self.loop = RequestLoop(
-            self.exchange,
-            ProcessorSession(gen, processor, settings.message_timeout, self.record),
-            self,
-            handler.stats,
-            reply_first=False,
-        )
+        self.loop: RequestLoop | PassThrough
+        if settings.passes_through:
+            self.loop = PassThrough(self.record, self, handler.stats)
+        else:
+            self.loop = RequestLoop(
+                Exchange(settings, self._connection, self.record),
+                ProcessorSession(gen, processor, settings.message_timeout, self.record),
+                self,
+                handler.stats,
+                reply_first=False,
+            )
         self.upstream: Http1Connection | None = None
         self.upstream_reused = False
         self.upstream_request: h11.Request | None = None
@@ -587,7 +590,7 @@ class _RequestRun:
             self.upstream is not None
             and self.proxy_response is None
             and self.upstream.buffered_event_ready()
-            and self.exchange.forwards_body_as_read(Direction.RESPONSE)
+            and self.loop.forwards_body_as_read(Direction.RESPONSE)
         )
 
     def finish(self) -> None:

@@ -133,6 +133,10 @@ class RequestLoop:
         while self.step(direction):
             pass
 
+    def forwards_body_as_read(self, direction: Direction) -> bool:
+        """Whether each body piece read now goes out at once (see the exchange's)."""
+        return self.exchange.forwards_body_as_read(direction)
+
     def answer(self) -> bool:
         """Carry out ext_proc's reply, if it made one; whether it did."""
         if self.local is None:
@@ -145,12 +149,7 @@ class RequestLoop:
         if self.exchange.observing:
             self.session.close_later(self.exchange.settings.deferred_close_timeout)
         self.session.close()
-        record = self.record
-        record.duration = time.monotonic() - record.started
-        # The line's fields cost a few µs to gather: not for a level that drops it.
-        if logs.keeps(logging.INFO):
-            _log_request(record)
-        record_exchange(self._stats, record)
+        _record(self.record, self._stats)
 
     # The loop ---------------------------------------------------------------------------
 
@@ -227,6 +226,81 @@ class RequestLoop:
             self._http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
             return
         self._http.forward_headers(action)
+
+
+class PassThrough:
+    """The loop of a request no message of which can go to the processor (both header modes
+    SKIP, every body mode NONE, no trailer mode SEND, not observing): the HTTP side's head,
+    body pieces and trailers go on as they come, in the order and with the framing the
+    exchange would give them, with no exchange, processor session or events in between."""
+
+    __slots__ = ("record", "local", "_http", "_stats", "_input_done")
+
+    def __init__(self, record: RequestRecord, http: HttpSide, stats: Stats) -> None:
+        self.record = record
+        self.local: RespondLocally | None = None  # never: there is no processor to reply
+        self._http = http
+        self._stats = stats
+        self._input_done = {Direction.REQUEST: False, Direction.RESPONSE: False}
+
+    def begin(self, direction: Direction, headers: Headers, end_of_stream: bool) -> None:
+        self._input_done[direction] = end_of_stream
+        length = None
+        if not end_of_stream:
+            value = headers.get(b"content-length")
+            length = int(value) if value is not None and value.isdigit() else None
+        action = ForwardHeaders(direction, headers, end_of_stream, length)
+        if direction is Direction.RESPONSE:
+            self._http.forward_headers(action)
+        elif not wire.request_line_is_valid(
+            headers.get(b":method") or b"", headers.get(b":path") or b""
+        ):
+            self._http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
+        else:
+            self._http.forward_headers(action)
+
+    def step(self, direction: Direction) -> bool:
+        http = self._http
+        if self._input_done[direction]:
+            return False
+        if direction is Direction.REQUEST and http.responding_from_proxy:
+            return False  # the upstream is gone: nothing more to send it
+        piece = http.read_body(direction, _NO_DEADLINE)
+        assert piece is not None, "no message deadline to pass"
+        data, eos, trailers = piece
+        if direction is Direction.REQUEST:
+            self.record.bytes_in += len(data)
+        if data or eos:
+            http.forward_body(ForwardBody(direction, data, eos))
+        if trailers is not None:
+            http.forward_trailers(ForwardTrailers(direction, Headers(trailers)))
+        self._input_done[direction] = eos or trailers is not None
+        return True
+
+    def run(self, direction: Direction) -> None:
+        while self.step(direction):
+            pass
+
+    def forwards_body_as_read(self, direction: Direction) -> bool:
+        return True
+
+    def answer(self) -> bool:
+        return False
+
+    def finish(self) -> None:
+        _record(self.record, self._stats)
+
+
+# A read with no message deadline: the HTTP side's own timeouts bound it.
+_NO_DEADLINE = float("inf")
+
+
+def _record(record: RequestRecord, stats: Stats) -> None:
+    record.duration = time.monotonic() - record.started
+    # The line's fields cost a few µs to gather: not for a level that drops it.
+    if logs.keeps(logging.INFO):
+        _log_request(record)
+    record_exchange(stats, record)
 
 
 def wall_clock(started: float) -> datetime.datetime:

@@ -330,7 +330,37 @@ PACED_TRAILER_REPLY = UpstreamReply(trailers=TRAILERS, pace=(1, 2))
 # Over the limit after three chunks; the other five only once the processor has answered.
 PARTIAL_REPLY = UpstreamReply(chunks=BIG_CHUNKS, pace=(3,), settle=True)
 
+# Both header modes SKIP and nothing else sent: extproc runs no exchange at all for these
+# (request_loop.PassThrough); what comes out must still be what Envoy forwards.
+_NOTHING_SENT = {"request_header_mode": "SKIP", "response_header_mode": "SKIP"}
+
 SCENARIOS = [
+    # -- Nothing sent to the processor ----------------------------------------------------
+    _request(
+        "nothing-sent-request-chunked-trailers",
+        ext_proc=_modes(**_NOTHING_SENT),
+        body=CHUNKS,
+        trailers=TRAILERS,
+        streams=0,
+    ),
+    _request(
+        "nothing-sent-request-content-length",
+        ext_proc=_modes(**_NOTHING_SENT),
+        body=CL_BODY,
+        streams=0,
+    ),
+    _response(
+        "nothing-sent-response-chunked-trailers",
+        PACED_TRAILER_REPLY,
+        ext_proc=_modes(**_NOTHING_SENT),
+        streams=0,
+    ),
+    _response(
+        "nothing-sent-response-content-length",
+        CL_REPLY,
+        ext_proc=_modes(**_NOTHING_SENT),
+        streams=0,
+    ),
     # -- NONE with trailers sent ----------------------------------------------------------
     _request(
         "none-request-trailers",

@@ -189,6 +189,23 @@ SCENARIOS = [
         "response-header-mode-skip",
         ext_proc=_ext(processing_mode={"response_header_mode": "SKIP"}),
     ),
+    # Nothing at all goes to the processor: extproc runs no exchange (PassThrough).
+    Scenario(
+        "both-header-modes-skip",
+        ext_proc=_ext(
+            processing_mode={"request_header_mode": "SKIP", "response_header_mode": "SKIP"}
+        ),
+        streams=0,
+    ),
+    Scenario(
+        "both-header-modes-skip-post",
+        ext_proc=_ext(
+            processing_mode={"request_header_mode": "SKIP", "response_header_mode": "SKIP"}
+        ),
+        method="POST",
+        body=b"hello, upstream",
+        streams=0,
+    ),
     Scenario("abort-internal", handler=abort_internal),
     Scenario(
         "abort-internal-failure-mode-allow",
