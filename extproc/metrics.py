@@ -519,7 +519,8 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
 
 def record_exchange(stats: Stats, record: RequestRecord) -> None:
     """Count one finished request."""
-    _record_ext_proc(stats.ext_proc, record)
+    if record.stream_started or record.ending is not None:
+        _record_ext_proc(stats.ext_proc, record)  # (all zero otherwise)
     if record.stream_started:
         stats.processor_time.observe(record.processor_time)
     stats.record_response(record.status)

@@ -87,6 +87,12 @@ def refuse_request(
     return None
 
 
+def trailers_are_clean(trailers: Sequence[Header]) -> bool:
+    """Whether no trailer value holds a control character h11 let through (what a request's
+    head is refused for, 400, in :func:`refuse_request`)."""
+    return not _CONTROL(b"\t".join(v for _, v in trailers))
+
+
 @dataclass(frozen=True, slots=True)
 class IngressOptions:
     scheme: bytes = b"http"

@@ -203,10 +203,13 @@ class ConnectionHandler:
         if not isinstance(event, h11.Request):
             return False
         limits = self.config.exchange.limits
+        # Once into a list: h11's Headers iterates through collections.abc's Python-level
+        # __iter__, one __getitem__ call a header, and the head is read several times.
+        headers = list(event.headers)
         refusal = wire.refuse_request(
             event.method,
             event.target,
-            event.headers,
+            headers,
             event.http_version,
             limits.max_count,
             limits.max_bytes,
@@ -216,7 +219,7 @@ class ConnectionHandler:
             self.stats.record_response(refusal.status)
             return False
         down.requests += 1
-        run = _RequestRun(self, down, event)
+        run = _RequestRun(self, down, event, headers)
         try:
             run.run()
         except ClientBodyError as err:
@@ -267,12 +270,19 @@ class _RequestRun:
     """One request on a worker thread: the proxy's :class:`~extproc.io.request_loop.HttpSide`
     over the downstream connection and an upstream one from the pool."""
 
-    def __init__(self, handler: ConnectionHandler, down: Downstream, request: h11.Request):
+    def __init__(
+        self,
+        handler: ConnectionHandler,
+        down: Downstream,
+        request: h11.Request,
+        headers: list[tuple[bytes, bytes]],
+    ):
         self.h = handler
         self.gen = gen = handler.current
         self.timeouts = gen.config.timeouts
         self.down = down
         self.request = request
+        self.request_headers = headers  # request.headers, as a list
         self.record = RequestRecord(
             started=time.monotonic(), method=request.method, path=request.target
         )
@@ -312,9 +322,9 @@ class _RequestRun:
 
     def run(self) -> None:
         req = self.request
-        has_body, _ = wire.request_body_framing(req.headers)
+        has_body, _ = wire.request_body_framing(self.request_headers)
         headers = wire.request_from_wire(
-            req.method, req.target, req.headers, self.down.peer_ip, self.gen.ingress
+            req.method, req.target, self.request_headers, self.down.peer_ip, self.gen.ingress
         )
         self.record.request_id = headers.get(b"x-request-id") or b""
         if not has_body:
@@ -503,14 +513,18 @@ class _RequestRun:
                 raise ConnectionResetError("upstream closed or switched protocols")
             # Other 1xx: Expect was answered here, so these are dropped.
         allowed = wire.response_may_have_body(event.status_code, self.method)
-        length = wire.response_body_length(event.headers) if allowed else 0
-        headers = wire.response_from_wire(event.status_code, event.headers)
+        wire_headers = list(event.headers)  # read twice (see _one_request)
+        length = wire.response_body_length(wire_headers) if allowed else 0
+        headers = wire.response_from_wire(event.status_code, wire_headers)
         return headers, not allowed or length == 0
 
     def _read_upstream_body(self, timeout: float) -> BodyPiece:
         assert self.upstream is not None
         try:
-            return self.upstream.read_body(timeout)
+            piece = self.upstream.read_body(timeout)
+            if piece[2] is not None and not wire.trailers_are_clean(piece[2]):
+                raise h11.RemoteProtocolError("invalid character in a trailer value")
+            return piece
         except (OSError, h11.ProtocolError) as err:
             # Never let a truncated body pass for a complete one: drop the connection.
             stats = self.h.stats
@@ -525,11 +539,14 @@ class _RequestRun:
 
     def _read_request_body(self, timeout: float) -> BodyPiece:
         try:
-            return self.down.conn.read_body(timeout)
+            piece = self.down.conn.read_body(timeout)
         except h11.RemoteProtocolError as err:
             raise ClientBodyError(400, f"request body: {err}") from err
         except ConnectionResetError as err:
             raise ConnectionAborted("request body") from err
+        if piece[2] is not None and not wire.trailers_are_clean(piece[2]):
+            raise ClientBodyError(400, "invalid character in a trailer value")
+        return piece
 
     # Downstream -------------------------------------------------------------------------
 

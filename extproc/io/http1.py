@@ -190,8 +190,17 @@ def _set_kernel_timeout(sock: socket.socket, option: int, timeout: float) -> Non
     )
 
 
+# Up to this much, pieces are joined and written with sendall: copying a head and a small body
+# costs less than a memoryview for each piece and sendmsg's bookkeeping.
+_JOIN_LIMIT = 16 * 1024
+
+
 def _sendall(sock: socket.socket, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
-    """Scatter-gather write of every piece (h11 hands out the body bytes uncopied)."""
+    """Write every piece: joined when small, else scatter-gather (h11 hands out the body bytes
+    uncopied, and a large body stays so)."""
+    if sum(map(len, pieces)) <= _JOIN_LIMIT:
+        sock.sendall(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        return
     views = [memoryview(p) for p in pieces if len(p)]
     while views:
         sent = sock.sendmsg(views)

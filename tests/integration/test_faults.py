@@ -365,6 +365,15 @@ UPSTREAM_FAULTS: dict[str, tuple[Script, int, str]] = {
         CUT_OFF,
         "upstream_cx_protocol_error",
     ),
+    # h11 takes a control character in a trailer value; no proxy should pass it on.
+    "control-character-in-trailer": (
+        answer_then_serve(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\nx-trailer: a\x10b\r\n\r\n"
+        ),
+        CUT_OFF,
+        "upstream_cx_protocol_error",
+    ),
     # A whole second response hidden past the Content-Length: it must not become the answer
     # to the next request sent on this connection.
     "more-body-than-content-length": (
