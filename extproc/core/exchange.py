@@ -73,6 +73,20 @@ class Awaiting(enum.Enum):
     TRAILERS = "trailers"
 
 
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """The ProcessingRequest fields of one direction's messages."""
+
+    headers: str
+    body: str
+    trailers: str
+
+
+_FIELDS = {
+    d: _Fields(f"{d.value}_headers", f"{d.value}_body", f"{d.value}_trailers") for d in Direction
+}
+
+
 @dataclass(slots=True)
 class _Side:
     """One direction's state."""
@@ -99,6 +113,10 @@ class _Side:
     first_headers: Headers | None = None  # as received, for attributes
     discard: bool = False  # CONTINUE_AND_REPLACE replaced the body: drop the original
     duplex_data_sent: bool = False
+
+    @property
+    def fields(self) -> _Fields:
+        return _FIELDS[self.direction]
 
     @property
     def passthrough(self) -> bool:
@@ -228,8 +246,8 @@ class Exchange:
             if not self.complete and side.strip_length:
                 headers.remove(b"content-length")
             return [*self._release(side, headers), *self._close_if_done()]
-        message = codec.http_headers(self._visible(headers), eos)
-        actions: list[Action] = [self._send(side, _request(side, "headers", message))]
+        message = codec.headers_request(side.fields.headers, self._visible(headers), eos)
+        actions: list[Action] = [self._send(side, message)]
         if side.strip_length:
             # Removed after the message was built: the processor still sees the original.
             headers.remove(b"content-length")
@@ -243,8 +261,8 @@ class Exchange:
         """Observability mode: only STREAMED bodies are sent, and nothing waits (§9.5)."""
         actions: list[Action] = []
         if side.body_mode == modes.STREAMED and not self.complete:
-            message = codec.http_body(data, eos)
-            actions.append(self._send(side, _request(side, "body", message), timed=False))
+            message = codec.body_request(side.fields.body, data, eos)
+            actions.append(self._send(side, message, timed=False))
         return [*actions, *self._forward_body(side, data, eos)]
 
     def _visible(self, headers: Headers) -> Iterable[Header]:
@@ -269,15 +287,15 @@ class Exchange:
             return self._buffer(side, data, eos)
         if mode == modes.BUFFERED_PARTIAL:
             return self._buffer_partial(side, data, eos)
-        message = codec.http_body(data, eos)
+        message = codec.body_request(side.fields.body, data, eos)
         if mode == modes.FULL_DUPLEX_STREAMED:
             side.duplex_data_sent = True
-            return [self._send(side, _request(side, "body", message), timed=False)]
+            return [self._send(side, message, timed=False)]
         side.chunks.append((data, eos))
         side.outstanding += len(data)
         if side.awaiting is Awaiting.IDLE:
             side.awaiting = Awaiting.STREAMED
-        return [self._send(side, _request(side, "body", message))]
+        return [self._send(side, message)]
 
     def _buffer(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         side.buffer += data
@@ -289,16 +307,16 @@ class Exchange:
 
     def _send_buffered(self, side: _Side, end_of_stream: bool) -> list[Action]:
         side.awaiting = Awaiting.BODY if side.body_mode == modes.BUFFERED else Awaiting.PARTIAL
-        message = codec.http_body(bytes(side.buffer), end_of_stream)
-        return [self._send(side, _request(side, "body", message))]
+        message = codec.body_request(side.fields.body, bytes(side.buffer), end_of_stream)
+        return [self._send(side, message)]
 
     def _buffer_partial(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         side.buffer += data
         if not eos and len(side.buffer) <= self.settings.buffer_limit:
             return []
         side.awaiting = Awaiting.PARTIAL
-        message = codec.http_body(bytes(side.buffer), eos)
-        return [self._send(side, _request(side, "body", message))]
+        message = codec.body_request(side.fields.body, bytes(side.buffer), eos)
+        return [self._send(side, message)]
 
     def _overflow(self, side: _Side) -> list[Action]:
         """A BUFFERED body over the limit: core proxy behaviour, whatever failure_mode_allow.
@@ -329,13 +347,13 @@ class Exchange:
         if self.observing:
             actions: list[Action] = []
             if side.trailer_mode == modes.SEND:
-                message = codec.http_trailers(self._visible(trailers))
-                actions.append(self._send(side, _request(side, "trailers", message), timed=False))
+                message = codec.trailers_request(side.fields.trailers, self._visible(trailers))
+                actions.append(self._send(side, message, timed=False))
             return [*actions, *self._forward_trailers(side, trailers)]
         side.trailers = trailers
         if side.body_mode == modes.FULL_DUPLEX_STREAMED:
-            message = codec.http_trailers(self._visible(trailers))
-            return [self._send(side, _request(side, "trailers", message), timed=False)]
+            message = codec.trailers_request(side.fields.trailers, self._visible(trailers))
+            return [self._send(side, message, timed=False)]
         if side.awaiting is Awaiting.HEADERS:
             return []
         buffering = side.body_mode in (modes.BUFFERED, modes.BUFFERED_PARTIAL)
@@ -364,11 +382,8 @@ class Exchange:
             return []
         if side.trailer_mode == modes.SEND and not self.complete:
             side.awaiting = Awaiting.TRAILERS
-            return [
-                self._send(
-                    side, _request(side, "trailers", codec.http_trailers(self._visible(trailers)))
-                )
-            ]
+            message = codec.trailers_request(side.fields.trailers, self._visible(trailers))
+            return [self._send(side, message)]
         side.trailers = None
         return [*self._forward_trailers(side, trailers), *self._close_if_done()]
 
@@ -910,10 +925,6 @@ _DISPATCH: dict[str, tuple[Direction, str]] = {
     "request_trailers": (Direction.REQUEST, "trailers"),
     "response_trailers": (Direction.RESPONSE, "trailers"),
 }
-
-
-def _request(side: _Side, phase: str, message: object) -> ep.ProcessingRequest:
-    return ep.ProcessingRequest(**{f"{side.direction.value}_{phase}": message})
 
 
 def _common(response: ep.ProcessingResponse, direction: Direction, phase: str) -> ep.CommonResponse:
