@@ -38,8 +38,18 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# The whole suite with the default (direct) processor client and, alongside it, the
+# integration and parity suites again with the stub client (README: Processor client). The
+# second run's output is shown when both are done; either failing fails the target.
+STUB_LOG := .pytest-stub-client.log
 test: venv envoy lint typecheck
-	$(BIN)/pytest
+	@EXTPROC_GRPC_CLIENT=stub $(BIN)/pytest -p no:cacheprovider tests/integration tests/parity \
+		> $(STUB_LOG) 2>&1 & stub=$$!; \
+	$(BIN)/pytest; direct=$$?; \
+	wait $$stub; stub_status=$$?; \
+	echo "=== integration and parity suites, EXTPROC_GRPC_CLIENT=stub (full output: $(STUB_LOG))"; \
+	if [ $$stub_status -eq 0 ]; then tail -n 5 $(STUB_LOG); else cat $(STUB_LOG); fi; \
+	test $$direct -eq 0 -a $$stub_status -eq 0
 
 unit: venv
 	$(BIN)/pytest tests/unit
@@ -68,4 +78,4 @@ bench-memory: venv
 	$(BIN)/python bench/memory.py $(BENCH_MEMORY_ARGS)
 
 clean:
-	rm -rf $(VENV) $(ENVOY_VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ENVOY_VENV) .mypy_cache .ruff_cache .pytest_cache $(STUB_LOG)
