@@ -54,13 +54,11 @@ from extproc.core.events import (
     ForwardTrailers,
     RespondLocally,
 )
-from extproc.core.exchange import Exchange
 from extproc.core.record import RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
-from extproc.io.request_loop import BodyPiece, PassThrough, RequestLoop, wall_clock
-from extproc.io.session import ProcessorSession
+from extproc.io.request_loop import BodyPiece, open_loop, wall_clock
 from extproc.metrics import Stats
 from extproc.models import Header, Headers
 
@@ -285,20 +283,19 @@ class _Run:
         self.request = headers
         self.method = headers.get(b":method") or b"GET"
         self.record = RequestRecord(started=time.monotonic())
-        self.loop: RequestLoop | PassThrough
-        if settings.passes_through:
-            self.loop = PassThrough(self.record, self, middleware.stats)
-        else:
-            # Replies first: the next piece may be slow to come (the client's upload, the
-            # app's stream of events) and what is already read, or the head the app waits
-            # for, must not wait for it.
-            self.loop = RequestLoop(
-                Exchange(settings, self._connection, self.record),
-                ProcessorSession(middleware, target, settings.message_timeout, self.record),
-                self,
-                middleware.stats,
-                reply_first=True,
-            )
+        # Replies first: the next piece may be slow to come (the client's upload, the app's
+        # stream of events) and what is already read, or the head the app waits for, must
+        # not wait for it.
+        self.loop = open_loop(
+            settings,
+            target,
+            middleware,
+            self,
+            self.record,
+            middleware.stats,
+            self._connection,
+            reply_first=True,
+        )
         self.proxy_response: tuple[int, bytes] | None = None
         self.request_head: ForwardHeaders | None = None
         self.request_body = bytearray()  # forwarded, not yet read by the app

@@ -29,14 +29,12 @@ from extproc.core.events import (
     ForwardTrailers,
     RespondLocally,
 )
-from extproc.core.exchange import Exchange
 from extproc.core.record import RequestRecord
 from extproc.errors import UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
-from extproc.io.request_loop import BodyPiece, PassThrough, RequestLoop, wall_clock
-from extproc.io.session import ProcessorSession
+from extproc.io.request_loop import BodyPiece, open_loop, wall_clock
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
 from extproc.models import Headers
@@ -287,17 +285,16 @@ class _RequestRun:
             started=time.monotonic(), method=request.method, path=request.target
         )
         settings, processor = gen.config.for_path(request.target)
-        self.loop: RequestLoop | PassThrough
-        if settings.passes_through:
-            self.loop = PassThrough(self.record, self, handler.stats)
-        else:
-            self.loop = RequestLoop(
-                Exchange(settings, self._connection, self.record),
-                ProcessorSession(gen, processor, settings.message_timeout, self.record),
-                self,
-                handler.stats,
-                reply_first=False,
-            )
+        self.loop = open_loop(
+            settings,
+            processor,
+            gen,
+            self,
+            self.record,
+            handler.stats,
+            self._connection,
+            reply_first=False,
+        )
         self.upstream: Http1Connection | None = None
         self.upstream_reused = False
         self.upstream_request: h11.Request | None = None

@@ -19,13 +19,15 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
 from google.protobuf import json_format
 
 from extproc import logs
-from extproc.core import wire
+from extproc.config import ProcessorSettings
+from extproc.core import attributes, wire
 from extproc.core.events import (
     BodyReceived,
     CloseStream,
@@ -43,7 +45,8 @@ from extproc.core.events import (
 )
 from extproc.core.exchange import Exchange
 from extproc.core.record import RequestRecord
-from extproc.io.session import ProcessorSession
+from extproc.core.settings import ExchangeSettings
+from extproc.io.session import ProcessorSession, ProcessorSource
 from extproc.metrics import Stats, record_exchange
 from extproc.models import Header, Headers
 
@@ -226,6 +229,31 @@ class RequestLoop:
             self._http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
             return
         self._http.forward_headers(action)
+
+
+def open_loop(
+    settings: ExchangeSettings,
+    processor: ProcessorSettings,
+    source: ProcessorSource,
+    http: HttpSide,
+    record: RequestRecord,
+    stats: Stats,
+    connection: Callable[[], attributes.Connection],
+    *,
+    reply_first: bool,
+) -> RequestLoop | PassThrough:
+    """The loop for one request: no exchange at all when its settings can send the processor
+    nothing, else the exchange with its processor session (``connection`` is called only if
+    attributes are sent)."""
+    if settings.passes_through:
+        return PassThrough(record, http, stats)
+    return RequestLoop(
+        Exchange(settings, connection, record),
+        ProcessorSession(source, processor, settings.message_timeout, record),
+        http,
+        stats,
+        reply_first=reply_first,
+    )
 
 
 class PassThrough:
