@@ -37,7 +37,10 @@ __all__ = ["GRPC_CLIENTS", "ProcessorClient", "ProcessorStream", "client_kind"]
 class ProcessorStream(Protocol):
     """One Process stream; opened on the first :meth:`send`."""
 
-    def send(self, request: ep.ProcessingRequest) -> None: ...
+    def send(self, request: ep.ProcessingRequest) -> None:
+        """Send ``request``, without blocking. A client may hold it until the next
+        :meth:`recv`, :meth:`start_pump` or :meth:`close` (the direct client does, to send it
+        with the wait for its reply): a message sent and then closed on may never go out."""
 
     def start_pump(self) -> None:
         """From now on, replies are drained into a queue by a pool thread."""
