@@ -54,7 +54,8 @@ test: venv envoy lint typecheck
 unit: venv
 	$(BIN)/pytest tests/unit
 
-# The slow tests (long property and fuzz runs, a 25 s soak per body mode), then the full soak:
+# The slow tests (long property and fuzz runs, 100,000 processor streams per client, a 25 s
+# soak per body mode), then the full soak:
 # bench/soak.py, 3 minutes of 32 clients (e.g. SOAK_ARGS="--duration 600 --mode buffered").
 soak: venv envoy
 	$(BIN)/pytest -m slow
