@@ -15,7 +15,8 @@ unary-stream option is built the same way (grpc/grpc#20753). Here a stream runs 
 * :meth:`DirectStream.close` half-closes, cancels, and reaps every batch still due: the call
   and its completion queue are freed only when nothing is due any more;
 * once pumped (STREAMED, FULL_DUPLEX_STREAMED, observability mode), a pool task owns
-  ``next_event()`` and puts the replies in a queue; the worker only starts batches.
+  ``next_event()``, puts the replies in a queue and starts what follows a completed batch (the
+  next message of the backlog, the next receive); the worker never waits on the call.
 
 The cost that remains is grpcio's: each batch and each event takes the channel's condition
 (shared by every call of the channel) once. A late reply is cut short the same way as with
