@@ -221,14 +221,18 @@ class RequestLoop:
             value = self.exchange.metadata_json(namespace)
             if value is not None:
                 headers.set(header, value.encode())
-        if not wire.request_line_is_valid(
-            headers.get(b":method") or b"", headers.get(b":path") or b""
-        ):
-            # Envoy's codec refuses to encode a request line a processor broke, and answers
-            # 503: the upstream (or the app) never sees it.
-            self._http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
-            return
-        self._http.forward_headers(action)
+        _forward_request_head(self._http, action)
+
+
+def _forward_request_head(http: HttpSide, action: ForwardHeaders) -> None:
+    """Forward the request head, unless its request line cannot be written: Envoy's codec
+    refuses to encode one a processor broke, and answers 503; the upstream (or the app) never
+    sees it."""
+    headers = action.headers
+    if wire.request_line_is_valid(headers.get(b":method") or b"", headers.get(b":path") or b""):
+        http.forward_headers(action)
+    else:
+        http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
 
 
 def open_loop(
@@ -280,12 +284,8 @@ class PassThrough:
         action = ForwardHeaders(direction, headers, end_of_stream, length)
         if direction is Direction.RESPONSE:
             self._http.forward_headers(action)
-        elif not wire.request_line_is_valid(
-            headers.get(b":method") or b"", headers.get(b":path") or b""
-        ):
-            self._http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
         else:
-            self._http.forward_headers(action)
+            _forward_request_head(self._http, action)
 
     def step(self, direction: Direction) -> bool:
         http = self._http
