@@ -282,7 +282,10 @@ class _Run:
         self.start_response = start_response
         self.request = headers
         self.method = headers.get(b":method") or b"GET"
-        self.record = RequestRecord(started=time.monotonic())
+        # The request id from the start: a processor fault is logged with it as it happens.
+        self.record = RequestRecord(
+            started=time.monotonic(), request_id=headers.get(b"x-request-id") or b""
+        )
         # Replies first: the next piece may be slow to come (the client's upload, the app's
         # stream of events) and what is already read, or the head the app waits for, must
         # not wait for it.
@@ -508,8 +511,9 @@ class _Run:
         )
         self.head_sent = True
 
-    def respond_from_proxy(self, status: int, body: bytes) -> None:
+    def respond_from_proxy(self, status: int, body: bytes, details: str) -> None:
         self.proxy_response = (status, body)
+        self.record.details = details
 
     def forward_headers(self, action: ForwardHeaders) -> None:
         if action.direction is Direction.RESPONSE:

@@ -62,6 +62,14 @@ from extproc.models import Header, Headers
 
 CONTINUE_AND_REPLACE = ep.CommonResponse.CONTINUE_AND_REPLACE
 ERR_LENGTH_MISMATCH = "mismatch_between_content_length_and_the_length_of_the_mutated_body"
+# Envoy's errors for a body reply of the wrong kind while streamed body replies are awaited.
+SPURIOUS_NORMAL_BODY = (
+    "spurious message: Normal body mutation response is received while body_mode_ is "
+    "FULL_DUPLEX_STREAMED"
+)
+SPURIOUS_STREAMED_BODY = (
+    "spurious message: streamed_response is received while body_mode_ is not FULL_DUPLEX_STREAMED"
+)
 
 
 class Awaiting(enum.Enum):
@@ -533,11 +541,31 @@ class Exchange:
                     self._override_mode(response.mode_override)
                 return self._dispatch(side, phase, response)
         self.record.spurious += 1
+        return self._fail(
+            Ending.BAD_REPLY, self.settings.status_on_error, self._spurious_details(response)
+        )
+
+    def _spurious_details(self, response: ep.ProcessingResponse) -> str:
+        """Envoy's text for a reply it did not expect: which one depends on the state the
+        reply's direction is in (processor_state.cc)."""
+        kind = response.WhichOneof("response")
         if kind == "immediate_response":
-            details = "unhandled_immediate_response_due_to_config_disabled_it"
-        else:
-            details = "spurious_message" if kind else "unhandled_message"
-        return self._fail(Ending.BAD_REPLY, self.settings.status_on_error, details)
+            return _envoy_details("unhandled immediate response due to config disabled it")
+        handler = _DISPATCH.get(kind or "")
+        if handler is None:
+            return _envoy_details("unhandled message")
+        direction, phase = handler
+        side = self._sides[direction]
+        if phase == "body" and _awaits_streamed_body(side):
+            # Only a direction awaiting streamed body replies tells the two kinds apart.
+            streamed = _common(response, direction, phase).body_mutation.HasField(
+                "streamed_response"
+            )
+            if side.body_mode == modes.FULL_DUPLEX_STREAMED and not streamed:
+                return _envoy_details(SPURIOUS_NORMAL_BODY)
+            if side.body_mode != modes.FULL_DUPLEX_STREAMED and streamed:
+                return _envoy_details(SPURIOUS_STREAMED_BODY)
+        return _envoy_details("spurious message")
 
     def _expects(self, side: _Side, phase: str, response: ep.ProcessingResponse) -> bool:
         if phase == "headers":
@@ -724,15 +752,15 @@ class Exchange:
         """Envoy accepts one override per outstanding message, within 1 ms and
         max_message_timeout, while that message's timer runs (spec §6.9)."""
         seconds = value.total_seconds()
-        if (
-            self._timer_running
-            and not self._timer_overridden
-            and 0.001 <= seconds <= self.settings.max_message_timeout
-        ):
+        in_range = 0.001 <= seconds <= self.settings.max_message_timeout
+        if self._timer_running and not self._timer_overridden and in_range:
             self._timer_overridden = True
             self.record.override_timeout_received += 1
             return [RestartTimer(seconds)]
         self.record.override_timeout_ignored += 1
+        if not in_range:
+            # Envoy warns of this case only (the others are a processor's race with its timer).
+            self.record.override_timeout_out_of_range += 1
         return []
 
     def _override_mode(self, override: ep.ProcessingMode) -> None:
@@ -788,7 +816,7 @@ class Exchange:
         else:
             headers.remove(b"content-length")
             headers.remove(b"content-type")
-        details = "_".join(immediate.details.split())
+        details = _envoy_details(immediate.details)
         return self._finish(
             Ending.IMMEDIATE_RESPONSE, RespondLocally(status, headers, body, details)
         )
@@ -818,14 +846,16 @@ class Exchange:
 
     def _fail(self, ending: Ending, status: int, details: str) -> list[Action]:
         duplex_started = any(s.duplex_data_sent for s in self._sides.values())
+        self.record.fault = details
         if self.settings.failure_mode_allow and not duplex_started:
-            record = self.record
-            record.ending, record.failed_open, record.details = ending, True, details
+            # The response is the upstream's: its details are not the error's (Envoy's too).
+            self.record.ending, self.record.failed_open = ending, True
             return self._release_all()
         return self._finish(ending, _local(status, b"", details))
 
     def _mutation_failed(self, error: str) -> list[Action]:
         # Mutation errors never fail open (Envoy: failure_mode_allow does not apply).
+        self.record.fault = error
         return self._finish(
             Ending.MUTATION_ERROR, _local(self.settings.status_on_error, b"", error)
         )
@@ -882,9 +912,18 @@ class Exchange:
         return not response.output_done and _sends_after_headers(response)
 
 
+def _envoy_details(text: str) -> str:
+    """Response code details as Envoy writes them: each whitespace character becomes ``_``
+    (StringUtil::replaceAllEmptySpace), so runs of spaces are kept, not joined."""
+    return text.translate(_SPACES_TO_UNDERSCORES)
+
+
+_SPACES_TO_UNDERSCORES = str.maketrans(dict.fromkeys(" \t\n\v\f\r", "_"))
+
+
 def _grpc_error_details(code: int, message: str) -> str:
     """As Envoy's access log has it: ext_proc_error_gRPC_error_13{boom{via_upstream}}."""
-    message = "_".join(message.split())
+    message = _envoy_details(message)
     inner = f"{message}{{via_upstream}}" if message else "via_upstream"
     return f"ext_proc_error_gRPC_error_{code}{{{inner}}}"
 
@@ -898,6 +937,14 @@ def _whole_numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [_whole_numbers(v) for v in value]
     return value
+
+
+def _awaits_streamed_body(side: _Side) -> bool:
+    """Envoy's StreamedBodyCallback state: STREAMED chunks, or FULL_DUPLEX_STREAMED body data,
+    sent and not yet answered in full."""
+    if side.body_mode == modes.FULL_DUPLEX_STREAMED:
+        return side.duplex_data_sent and not side.output_done
+    return side.awaiting is Awaiting.STREAMED
 
 
 def _duplex_pending(side: _Side) -> bool:

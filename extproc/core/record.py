@@ -42,11 +42,16 @@ class RequestRecord:
     rejected_mutations: int = 0
     override_timeout_received: int = 0
     override_timeout_ignored: int = 0
+    override_timeout_out_of_range: int = 0  # of those ignored: under 1 ms or over the maximum
     ending: Ending | None = None  # None: processing ran its course (or never began)
     failed_open: bool = False  # the ending's error was let through (failure_mode_allow)
     stream_error: int | None = None  # the gRPC status of a stream that failed, whenever it did
     request_too_large: bool = False  # Envoy's core answered 413 for a buffered request body
-    details: str = ""  # Envoy's response code details, for the log
+    # The ending's error as Envoy's details put it, also when it was let through (failed_open).
+    fault: str = ""
+    # Envoy's response code details (%RESPONSE_CODE_DETAILS%), written by whoever made the reply;
+    # empty for the upstream's own response.
+    details: str = ""
     # What the processor returned, by namespace (receiving_namespaces only); made on first use.
     dynamic_metadata: dict[str, struct_pb2.Struct] | None = None
     # The I/O side's part.

@@ -251,9 +251,39 @@ def _first_valid_length(headers: list[Header]) -> list[Header]:
     return out
 
 
-# The body of Envoy's 503 when the upstream could not be reached or broke before its response
-# head; the reason follows ("connection failure", "connection termination", ...).
-UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    """The reply Envoy's router makes in the upstream's place, with its response code details."""
+
+    status: int
+    body: bytes
+    details: str
+
+
+# Envoy's reset reasons (StreamResetReason, as the router prints them) for an upstream that
+# failed before its response head.
+CONNECTION_FAILURE = "remote connection failure"  # the connection was refused, or failed
+CONNECTION_TIMEOUT = "connection timeout"
+CONNECTION_TERMINATION = "connection termination"  # it closed or reset before its head
+PROTOCOL_ERROR = "protocol error"  # what it sent is not an HTTP/1.1 response head
+
+UPSTREAM_TIMEOUT = UpstreamFailure(504, b"upstream request timeout", "response_timeout")
+
+
+def upstream_reset(reason: str, transport_failure: str = "") -> UpstreamFailure:
+    """Envoy's reply to an upstream that failed before its response head for ``reason``: 503,
+    or 502 for a protocol error; ``transport_failure`` is the connect error in the details
+    (``delayed connect error: Connection refused``)."""
+    status = 502 if reason == PROTOCOL_ERROR else 503
+    body = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+    inner = f"{reason}|{transport_failure}" if transport_failure else reason
+    details = "upstream_reset_before_response_started{" + _no_spaces(inner) + "}"
+    return UpstreamFailure(status, body.encode(), details)
+
+
+def _no_spaces(text: str) -> str:
+    # As Envoy writes response code details: each space becomes "_".
+    return text.replace(" ", "_")
 
 
 def request_line_is_valid(method: bytes, target: bytes) -> bool:

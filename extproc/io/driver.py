@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import socket
 import threading
 import time
@@ -246,6 +247,16 @@ def _raw_error(conn: Http1Connection, status: int, message: str) -> None:
         pass
 
 
+def _connect_failure(err: UpstreamConnectError) -> wire.UpstreamFailure:
+    """Envoy's reply when no connection could be made: a timeout, or a failure with the
+    connect error as Envoy's details name it ("delayed connect error: Connection refused")."""
+    cause = err.__cause__
+    if isinstance(cause, TimeoutError):
+        return wire.upstream_reset(wire.CONNECTION_TIMEOUT)
+    reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause)
+    return wire.upstream_reset(wire.CONNECTION_FAILURE, f"delayed connect error: {reason}")
+
+
 @dataclass(slots=True)
 class _ProxyResponse:
     """A reply the proxy makes in the upstream's place (503, 504); it still goes through
@@ -374,8 +385,12 @@ class _RequestRun:
                 raise ClientBodyError(408, "request body timeout") from err
             raise
 
-    def respond_from_proxy(self, status: int, body: bytes) -> None:
+    def respond_from_proxy(self, status: int, body: bytes, details: str) -> None:
         self.proxy_response = _ProxyResponse(status, body)
+        self.record.details = details
+
+    def _upstream_failed(self, failure: wire.UpstreamFailure) -> None:
+        self.respond_from_proxy(failure.status, failure.body, failure.details)
 
     def _drop_sent_request_body(self) -> None:
         """Read and drop, without waiting, what the client already sent of a request body the
@@ -403,8 +418,8 @@ class _RequestRun:
         self.upstream_request = h11.Request(method=method, target=target, headers=wire_headers)
         try:
             self.upstream, self.upstream_reused = self.gen.pool.acquire()
-        except UpstreamConnectError:
-            self.proxy_response = _ProxyResponse(503, wire.UPSTREAM_RESET + b"connection failure")
+        except UpstreamConnectError as err:
+            self._upstream_failed(_connect_failure(err))
             return
         self._to_upstream(self.upstream_request)
         if action.end_of_stream:
@@ -442,9 +457,7 @@ class _RequestRun:
         except OSError:
             self._close_upstream()
             self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
-            self.proxy_response = _ProxyResponse(
-                503, wire.UPSTREAM_RESET + b"connection termination"
-            )
+            self._upstream_failed(wire.upstream_reset(wire.CONNECTION_TERMINATION))
 
     def _close_upstream(self) -> None:
         if self.upstream is not None:
@@ -462,17 +475,15 @@ class _RequestRun:
             self._close_upstream()
             if isinstance(err, TimeoutError):
                 self.h.stats.upstream_rq_timeout.inc()
-                self.proxy_response = _ProxyResponse(504, b"upstream request timeout")
+                self._upstream_failed(wire.UPSTREAM_TIMEOUT)
             elif self._retry_on_fresh_connection():
                 self._await_upstream_head()
             elif isinstance(err, h11.ProtocolError) and not closed:
                 self.h.stats.upstream_cx_protocol_error.inc()
-                self.proxy_response = _ProxyResponse(503, wire.UPSTREAM_RESET + b"protocol error")
+                self._upstream_failed(wire.upstream_reset(wire.PROTOCOL_ERROR))
             else:
                 self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
-                self.proxy_response = _ProxyResponse(
-                    503, wire.UPSTREAM_RESET + b"connection termination"
-                )
+                self._upstream_failed(wire.upstream_reset(wire.CONNECTION_TERMINATION))
         finally:
             self.record.upstream_time += time.monotonic() - started
 

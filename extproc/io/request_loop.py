@@ -44,13 +44,22 @@ from extproc.core.events import (
     TrailersReceived,
 )
 from extproc.core.exchange import Exchange
-from extproc.core.record import RequestRecord
+from extproc.core.record import Ending, RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.io.session import ProcessorSession, ProcessorSource
 from extproc.metrics import Stats, record_exchange
 from extproc.models import Header, Headers
 
 access_log = structlog.get_logger("extproc.access")
+# Processor faults, as Envoy's ext_proc logs them: a warning for a spurious reply, a failed
+# stream or an override_message_timeout out of range, an error for a header mutation that fails
+# the request (mutation_utils.cc). A message timeout is only counted, as in Envoy.
+fault_log = structlog.get_logger("extproc.processor")
+_FAULT_EVENTS = {
+    Ending.BAD_REPLY: ("warning", "processor_spurious_message"),
+    Ending.STREAM_ERROR: ("warning", "processor_stream_error"),
+    Ending.MUTATION_ERROR: ("error", "processor_mutation_error"),
+}
 
 # A piece of body: its bytes, whether it ends the body, and the trailers that end it instead.
 BodyPiece = tuple[bytes, bool, list[Header] | None]
@@ -75,8 +84,9 @@ class HttpSide(Protocol):
 
     def forward_trailers(self, action: ForwardTrailers) -> None: ...
 
-    def respond_from_proxy(self, status: int, body: bytes) -> None:
-        """Answer in the upstream's place; the reply still goes through the response phase."""
+    def respond_from_proxy(self, status: int, body: bytes, details: str) -> None:
+        """Answer in the upstream's place, with Envoy's response code details; the reply
+        still goes through the response phase."""
         ...
 
     def answer_locally(self, reply: RespondLocally) -> None:
@@ -152,6 +162,8 @@ class RequestLoop:
         if self.exchange.observing:
             self.session.close_later(self.exchange.settings.deferred_close_timeout)
         self.session.close()
+        if self.record.override_timeout_out_of_range:
+            _log_overrides_out_of_range(self.record)
         _record(self.record, self._stats)
 
     # The loop ---------------------------------------------------------------------------
@@ -202,12 +214,15 @@ class RequestLoop:
                 http.forward_trailers(action)
             elif isinstance(action, CloseStream):
                 session.close()
+                if self.record.ending in _FAULT_EVENTS:
+                    # Once per exchange: the stream closes once, at the fault if there is one.
+                    _log_fault(self.record)
             elif isinstance(action, RestartTimer):
                 session.restart_timer(action.timeout)
             elif isinstance(action, RespondLocally):
                 self.local = action
             elif isinstance(action, RespondFromProxy):
-                http.respond_from_proxy(action.status, action.body)
+                http.respond_from_proxy(action.status, action.body, action.details)
         if self.exchange.streams_replies:
             session.start_pump()
 
@@ -232,7 +247,8 @@ def _forward_request_head(http: HttpSide, action: ForwardHeaders) -> None:
     if wire.request_line_is_valid(headers.get(b":method") or b"", headers.get(b":path") or b""):
         http.forward_headers(action)
     else:
-        http.respond_from_proxy(503, wire.UPSTREAM_RESET + b"connection termination")
+        failure = wire.upstream_reset(wire.CONNECTION_TERMINATION)
+        http.respond_from_proxy(failure.status, failure.body, failure.details)
 
 
 def open_loop(
@@ -337,6 +353,27 @@ def wall_clock(started: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(time.time() - (time.monotonic() - started), datetime.UTC)
 
 
+def _log_fault(record: RequestRecord) -> None:
+    assert record.ending is not None
+    level, event = _FAULT_EVENTS[record.ending]
+    fields: dict[str, Any] = {
+        "request_id": record.request_id.decode("latin-1"),
+        "details": record.fault,
+        "failed_open": record.failed_open,
+    }
+    if record.stream_error is not None:
+        fields["grpc_status"] = record.stream_error
+    getattr(fault_log, level)(event, **fields)
+
+
+def _log_overrides_out_of_range(record: RequestRecord) -> None:
+    for _ in range(record.override_timeout_out_of_range):
+        fault_log.warning(
+            "processor_timeout_override_out_of_range",
+            request_id=record.request_id.decode("latin-1"),
+        )
+
+
 def _log_request(record: RequestRecord) -> None:
     phases = record.phase_times or {}
     access_log.info(
@@ -351,7 +388,7 @@ def _log_request(record: RequestRecord) -> None:
         upstream_ms=round(record.upstream_time * 1000, 3),
         processor_ms=round(record.processor_time * 1000, 3),
         processor_phases_ms={phase: round(t * 1000, 3) for phase, t in phases.items()},
-        details=record.details,
+        details=record.details or ("via_upstream" if record.upstream_answered else ""),
         failed_open=record.failed_open,
         **_metadata_fields(record),
     )

@@ -352,12 +352,12 @@ UPSTREAM_FAULTS: dict[str, tuple[Script, int, str]] = {
     ),
     "invalid-status-line": (
         answer_then_serve(b"HTTP/1.1 2x0 OK\r\n\r\n"),
-        503,
+        502,
         "upstream_cx_protocol_error",
     ),
     "invalid-header": (
         answer_then_serve(b"HTTP/1.1 200 OK\r\nbad header: x\r\ncontent-length: 0\r\n\r\n"),
-        503,
+        502,
         "upstream_cx_protocol_error",
     ),
     "invalid-chunk": (

@@ -187,7 +187,10 @@ def test_unreachable_upstream_is_503(processor: ScriptedProcessor) -> None:
             assert proxy.wait_idle(10)
             assert proxy.stats.snapshot()["cluster.upstream.upstream_cx_connect_fail"] == 1
     assert reply.status == 503
-    assert b"connection failure" in reply.body
+    assert reply.body == (
+        b"upstream connect error or disconnect/reset before headers."
+        b" reset reason: remote connection failure"
+    )
     # The proxy's own 503 goes through the response phase, as Envoy's router replies do.
     kinds = [r.WhichOneof("request") for r in processor.wait_streams(1)[0].requests]
     assert kinds == ["request_headers", "response_headers"]

@@ -39,9 +39,10 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
+from extproc.config import Timeouts
 from extproc.core import attributes
-from extproc.demo.upstream import EchoUpstream
-from tests.support import parity
+from extproc.demo.upstream import EchoUpstream, ReceivedRequest
+from tests.support import parity, rawpeer
 from tests.support.envoy import EnvoyProxy, require_envoy
 from tests.support.processor import (
     Handler,
@@ -86,15 +87,16 @@ def continue_all(stream: ProcessorStream) -> None:
         stream.send(matching_reply(message))
 
 
-def abort_on(kind: str) -> Handler:
-    """CONTINUE until a ``kind`` message, then end the stream with INTERNAL."""
+def abort_on(kind: str, message: str = "scripted  failure") -> Handler:
+    """CONTINUE until a ``kind`` message, then end the stream with INTERNAL and ``message``
+    (two spaces: Envoy's details keep each one)."""
 
     def handler(stream: ProcessorStream) -> None:
-        while (message := stream.recv(RECV_TIMEOUT_S)) is not None:
-            if kind_of(message) == kind:
-                stream.abort(grpc.StatusCode.INTERNAL, "scripted failure")
+        while (received := stream.recv(RECV_TIMEOUT_S)) is not None:
+            if kind_of(received) == kind:
+                stream.abort(grpc.StatusCode.INTERNAL, message)
                 return
-            stream.send(matching_reply(message))
+            stream.send(matching_reply(received))
 
     return handler
 
@@ -141,6 +143,21 @@ def late(delay_s: float, *overrides_s: float) -> Handler:
 def spurious(message: ep.ProcessingRequest) -> ep.ProcessingResponse:
     """A response_headers reply where a request_headers reply is due."""
     return ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+
+
+def empty_reply(message: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    """A ProcessingResponse with nothing set: no kind Envoy knows."""
+    return ep.ProcessingResponse()
+
+
+def streamed_body_reply(message: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    """A body reply carrying a streamed_response (FULL_DUPLEX_STREAMED's kind), echoing the
+    body with the end of stream."""
+    common = ep.CommonResponse()
+    streamed = common.body_mutation.streamed_response
+    streamed.body = message.request_body.body
+    streamed.end_of_stream = message.request_body.end_of_stream
+    return matching_reply(message, common)
 
 
 def metadata_reply(**namespaces: dict[str, Any]) -> ReplyFor:
@@ -220,6 +237,11 @@ class Scenario:
     grpc_metadata: tuple[str, ...] = ()
     # The processor address refuses connections instead of reaching the ScriptedProcessor.
     unreachable: bool = False
+    # The upstream: "echo" (EchoUpstream), else one of UPSTREAM_FAULTS, whose first
+    # connection fails that way.
+    upstream: str = "echo"
+    # The upstream's time to answer (Envoy: the route's timeout; extproc: --upstream-timeout).
+    upstream_timeout_s: float | None = None
     # Process streams the calls open (more are reported).
     streams: int = 1
     # What the scenario is about, checked on Envoy's observation (so that a scenario cannot
@@ -515,6 +537,50 @@ SCENARIOS = [
         counters={"spurious_msgs_received": 1},
     ),
     Scenario(
+        "spurious-empty-reply",
+        handler=on("request_headers", empty_reply),
+        statuses=(500,),
+        counters={"spurious_msgs_received": 1},
+    ),
+    # A plain body reply while FULL_DUPLEX_STREAMED body data awaits its streamed reply, and a
+    # streamed one while STREAMED chunks await theirs: each has Envoy's own text.
+    Scenario(
+        "spurious-plain-body-reply-in-duplex",
+        handler=on("request_body", matching_reply),
+        ext_proc=_ext(
+            processing_mode={
+                "request_body_mode": "FULL_DUPLEX_STREAMED",
+                "request_trailer_mode": "SEND",
+            }
+        ),
+        calls=(Call(method="POST", body=b"duplex body", hold_body=True),),
+        statuses=(500,),
+        counters={"spurious_msgs_received": 1},
+    ),
+    Scenario(
+        "spurious-streamed-body-reply-in-streamed",
+        handler=on("request_body", streamed_body_reply),
+        ext_proc=_ext(processing_mode={"request_body_mode": "STREAMED"}),
+        calls=(Call(method="POST", body=b"streamed body", hold_body=True),),
+        statuses=(500,),
+        counters={"spurious_msgs_received": 1},
+    ),
+    Scenario(
+        "spurious-body-reply-while-headers-awaited",
+        handler=on(
+            "request_headers", lambda m: ep.ProcessingResponse(request_body=ep.BodyResponse())
+        ),
+        ext_proc=_ext(processing_mode={"request_body_mode": "STREAMED"}),
+        statuses=(500,),
+        counters={"spurious_msgs_received": 1},
+    ),
+    Scenario(
+        "abort-without-message",
+        handler=abort_on("request_headers", message=""),
+        statuses=(500,),
+        counters={"streams_failed": 1},
+    ),
+    Scenario(
         "close-ok-without-answering",
         handler=close_ok,
         statuses=(200,),
@@ -606,13 +672,32 @@ SCENARIOS = [
         counters={"immediate_responses_sent": 1},
     ),
     Scenario(
+        "immediate-response-details-whitespace",
+        handler=on("request_headers", lambda _: immediate(403, b"no", details=" a  b\tc ")),
+        statuses=(403,),
+        counters={"immediate_responses_sent": 1},
+    ),
+    Scenario(
         "immediate-response-disabled",
         handler=on("request_headers", lambda _: immediate(403, b"denied")),
         ext_proc=_ext(disable_immediate_response=True),
         statuses=(500,),
         counters={"spurious_msgs_received": 1},
     ),
-    # 10. Per-route settings.
+    # 10. The upstream fails: the proxy's own reply still goes through the response phase.
+    Scenario("upstream-refused", upstream="refused", statuses=(503,)),
+    Scenario("upstream-resets", upstream="resets", statuses=(503,)),
+    Scenario("upstream-closes", upstream="closes", statuses=(503,)),
+    Scenario("upstream-garbage", upstream="garbage", statuses=(502,)),
+    Scenario("upstream-silent", upstream="silent", upstream_timeout_s=2.0, statuses=(504,)),
+    # A request line HTTP/1.1 cannot carry: the codec refuses it, the upstream never sees it.
+    Scenario(
+        "request-line-unwritable",
+        handler=mutating("request_headers", mutate_headers(set_headers=[(":method", "G T")])),
+        ext_proc=_ext(mutation_rules={"allow_all_routing": True}),
+        statuses=(503,),
+    ),
+    # 11. Per-route settings.
     Scenario(
         "per-route-disabled",
         per_route=(("/health", {"disabled": True}),),
@@ -721,10 +806,14 @@ SCENARIOS = [
 
 @dataclass
 class Run:
-    """A proxy taking the scenario's requests, and how to read its ext_proc counters."""
+    """A proxy taking the scenario's requests, and how to read its ext_proc counters; once the
+    proxy has stopped, each request's response code details and the processor faults it
+    logged (see parity.envoy_processor_faults)."""
 
     address: tuple[str, int]
     stats: Callable[[], dict[str, float]]
+    details: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
 
 
 ProxyFactory = Callable[
@@ -743,8 +832,12 @@ def envoy_route_config(scenario: Scenario) -> dict[str, Any]:
         for namespace, header in scenario.metadata_headers
     ]
 
+    action: dict[str, Any] = {"cluster": "upstream"}
+    if scenario.upstream_timeout_s is not None:
+        action["timeout"] = f"{scenario.upstream_timeout_s}s"
+
     def route(prefix: str, per_route: dict[str, Any] | None) -> dict[str, Any]:
-        entry: dict[str, Any] = {"match": {"prefix": prefix}, "route": {"cluster": "upstream"}}
+        entry: dict[str, Any] = {"match": {"prefix": prefix}, "route": dict(action)}
         if per_route is not None:
             entry["typed_per_filter_config"] = {FILTER_NAME: {"@type": PER_ROUTE_TYPE, **per_route}}
         if to_add:
@@ -775,18 +868,26 @@ def extproc_file(scenario: Scenario) -> dict[str, Any]:
 def through_envoy(
     scenario: Scenario, upstream: tuple[str, int], processor: tuple[str, int], workdir: Path
 ) -> Iterator[Run]:
-    with EnvoyProxy(
+    access_log = workdir / "envoy" / "details.log"
+    hcm = envoy_route_config(scenario)
+    hcm["access_log"] = [parity.envoy_details_log(access_log)]
+    envoy = EnvoyProxy(
         upstream=upstream,
         processor=processor,
         ext_proc=scenario.ext_proc,
-        hcm=envoy_route_config(scenario),
+        hcm=hcm,
         workdir=workdir / "envoy",
-    ) as envoy:
+    )
+    with envoy:
 
         def stats() -> dict[str, float]:
             return {name: float(value) for name, value in envoy.stats().items()}
 
-        yield Run(envoy.address, stats)
+        run = Run(envoy.address, stats)
+        yield run
+    # Envoy is stopped: its access log is flushed.
+    run.details = access_log.read_text().splitlines()
+    run.faults = parity.envoy_processor_faults(envoy.log_path.read_text(errors="replace"))
 
 
 @contextlib.contextmanager
@@ -796,14 +897,25 @@ def through_extproc(
     # forwarded_for=False matches Envoy's default of not appending X-Forwarded-For. The
     # message_timeout flag repeats the file's: running_proxy only looks for it at the top of
     # the file, where extproc's own file does not keep it.
-    with running_proxy(
-        upstream,
-        f"{processor[0]}:{processor[1]}",
-        ext_proc=extproc_file(scenario),
-        forwarded_for=False,
-        message_timeout=scenario.ext_proc["message_timeout"],
-    ) as server:
-        yield Run(server.address, server.stats.snapshot)
+    extra: dict[str, Any] = {}
+    if scenario.upstream_timeout_s is not None:
+        extra["timeouts"] = Timeouts(upstream=scenario.upstream_timeout_s)
+    with (
+        parity.extproc_log() as logged,
+        running_proxy(
+            upstream,
+            f"{processor[0]}:{processor[1]}",
+            ext_proc=extproc_file(scenario),
+            forwarded_for=False,
+            message_timeout=scenario.ext_proc["message_timeout"],
+            **extra,
+        ) as server,
+    ):
+        run = Run(server.address, server.stats.snapshot)
+        yield run
+    # The proxy is stopped: every request's access line is written.
+    run.details = parity.response_details(logged.entries)
+    run.faults = parity.processor_faults(logged.entries)
 
 
 @contextlib.contextmanager
@@ -815,6 +927,34 @@ def processor_address(
             yield address
     else:
         yield ("127.0.0.1", processor.port)
+
+
+# How an upstream fails on its first connection (rawpeer scripts); None: it refuses it.
+UPSTREAM_FAULTS: dict[str, rawpeer.Script | None] = {
+    "refused": None,
+    "resets": rawpeer.reset,  # an RST once the request head arrived
+    "closes": rawpeer.answer_then_close(b""),  # a FIN once the request head arrived
+    "silent": rawpeer.answer_then_hold(b""),
+    "garbage": rawpeer.answer_then_close(b"NOT HTTP AT ALL\r\n\r\n"),
+}
+
+
+@contextlib.contextmanager
+def upstream_for(scenario: Scenario) -> Iterator[tuple[tuple[str, int], list[ReceivedRequest]]]:
+    """The scenario's upstream: its address, and the requests it received (a failing
+    upstream records none)."""
+    if scenario.upstream == "echo":
+        with EchoUpstream() as upstream:
+            yield upstream.address, upstream.requests
+        return
+    script = UPSTREAM_FAULTS[scenario.upstream]
+    if script is None:
+        with parity.refused_port() as address:
+            yield address, []
+        return
+    with rawpeer.FaultyUpstream(script) as faulty:
+        host, port = faulty.address
+        yield (str(host), int(port)), []
 
 
 def messages_seen(processor: ScriptedProcessor, kind: str) -> int:
@@ -902,11 +1042,11 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> dict[str,
     saw, and the ext_proc counters once the requests are done and the counters settled."""
     replies: list[Reply] = []
     with (
-        EchoUpstream() as upstream,
+        upstream_for(scenario) as (upstream_at, upstream_received),
         ScriptedProcessor(scenario.handler) as processor,
         processor_address(scenario, processor) as processor_at,
     ):
-        with proxy(scenario, upstream.address, processor_at, workdir) as run:
+        with proxy(scenario, upstream_at, processor_at, workdir) as run:
             for call in scenario.calls:
                 before = messages_seen(processor, "request_headers")
                 replies.append(send(run.address, call, processor, before))
@@ -918,7 +1058,7 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> dict[str,
         opened = max(scenario.streams, len(processor.streams))
         streams = processor.wait_streams(opened, STREAMS_DONE_S)
         assert processor.errors == [], f"the processor's handler failed: {processor.errors}"
-        received = list(upstream.requests)
+        received = list(upstream_received)
     for r in received:
         assert parity.has_request_id(r.headers), f"no x-request-id upstream: {r.headers}"
     echoes = {parity.echo_length(r) for r in received}
@@ -927,6 +1067,10 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> dict[str,
         "upstream": parity.upstream_view(received),
         "processor": [stream_view(stream, echo_of(stream, echoes)) for stream in streams],
         "counters": counters,
+        "details": (
+            parity.mask_grpc_client_message(run.details) if scenario.unreachable else run.details
+        ),
+        "faults": run.faults,
     }
     if scenario.grpc_metadata:
         observation["grpc_metadata"] = [

@@ -16,12 +16,17 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
+from structlog.testing import LogCapture
 
+from extproc import logs
 from extproc.demo.upstream import ReceivedRequest
+from extproc.io import request_loop
 from tests.support.processor import ProcessorStream
 from tests.support.proxy import Reply
 
@@ -243,3 +248,86 @@ def settled_counters(
         elif time.monotonic() - since >= stable:
             break
     return last
+
+
+# Logs --------------------------------------------------------------------------------------
+
+
+def envoy_details_log(path: Path) -> dict[str, Any]:
+    """An HCM ``access_log`` entry that writes each request's %RESPONSE_CODE_DETAILS% to
+    ``path``, a line per request."""
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"text_format_source": {"inline_string": "%RESPONSE_CODE_DETAILS%\n"}},
+        },
+    }
+
+
+# What Envoy's ext_proc logs at warning level and above, by the start of the message (after its
+# [Tags: ...]), and the name of extproc's event for the same fault.
+_ENVOY_FAULT_LINES = {
+    "Spurious response message": "processor_spurious_message",
+    "Received gRPC error on stream": "processor_stream_error",
+    "Ext_proc server new timeout setting is out of": "processor_timeout_override_out_of_range",
+    # mutation_utils.cc, at error level: the header mutation that fails the request.
+    "Header ": "processor_mutation_error",
+    "set_headers contain invalid character": "processor_mutation_error",
+    "remove_headers contain invalid character": "processor_mutation_error",
+    "After mutation": "processor_mutation_error",
+}
+
+
+def envoy_processor_faults(envoy_log: str) -> list[str]:
+    """The ext_proc warnings and errors in Envoy's log, each as the name of extproc's event for
+    the same fault (a line not known here is kept whole, so that a comparison shows it)."""
+    faults = []
+    for line in envoy_log.splitlines():
+        if "[ext_proc]" not in line or not ("[warning]" in line or "[error]" in line):
+            continue
+        message = line.rsplit("] ", 1)[-1]
+        names = [name for start, name in _ENVOY_FAULT_LINES.items() if message.startswith(start)]
+        faults.append(names[0] if names else message)
+    return faults
+
+
+@contextmanager
+def extproc_log() -> Iterator[LogCapture]:
+    """The events extproc's request loop logs in the block (the access line, the processor
+    fault warnings), captured: the session's logging is configured at warning level and
+    caches its loggers, so the loop's loggers are swapped for capturing ones meanwhile."""
+    capture = LogCapture()
+    logger = structlog.wrap_logger(
+        structlog.ReturnLogger(), processors=[capture], wrapper_class=structlog.BoundLogger
+    )
+    saved = request_loop.access_log, request_loop.fault_log, logs.configured_level
+    request_loop.access_log = request_loop.fault_log = logger
+    # As when embedded in a host that set up structlog itself: its logger decides what to keep.
+    logs.configured_level = None
+    try:
+        yield capture
+    finally:
+        request_loop.access_log, request_loop.fault_log, logs.configured_level = saved
+
+
+def processor_faults(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """extproc's processor fault events among captured log entries, by name."""
+    return [str(e["event"]) for e in entries if str(e["event"]).startswith("processor_")]
+
+
+def response_details(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The ``details`` of each access line among captured log entries, in order."""
+    return [str(e["details"]) for e in entries if e["event"] == "request"]
+
+
+_GRPC_ERROR = re.compile(r"(ext_proc_error_gRPC_error_\d+)\{.*\}")
+GRPC_CLIENT_MESSAGE_MASK = "<the gRPC client's message>"
+
+
+def mask_grpc_client_message(details: Iterable[str]) -> list[str]:
+    """Response code details with a gRPC error's message masked: for a processor that cannot
+    be reached, the message is the gRPC client's own (Envoy's client writes its router's
+    texts, grpcio its own), not one a processor sent."""
+    return [_GRPC_ERROR.sub(rf"\1{{{GRPC_CLIENT_MESSAGE_MASK}}}", d) for d in details]

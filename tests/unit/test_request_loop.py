@@ -85,6 +85,7 @@ class FakeHttp:
         self.pieces = deque(pieces)
         self.calls: list[tuple[str, Any]] = []
         self.proxy: tuple[int, bytes] | None = None
+        self.proxy_details = ""
         self.on_read: list[ep.ProcessingResponse] = []  # replies that arrive during a read
         self.stream: FakeStream | None = None
         self.heads: list[Headers] = []
@@ -112,9 +113,10 @@ class FakeHttp:
     def forward_trailers(self, action: ForwardTrailers) -> None:
         self.calls.append(("trailers", action.trailers.regular()))
 
-    def respond_from_proxy(self, status: int, body: bytes) -> None:
+    def respond_from_proxy(self, status: int, body: bytes, details: str) -> None:
         self.proxy = (status, body)
         self.calls.append(("proxy", status))
+        self.proxy_details = details
 
     def answer_locally(self, reply: RespondLocally) -> None:
         self.calls.append(("local", reply.status))
@@ -195,6 +197,8 @@ def test_request_loop_answers_503_for_a_request_line_a_processor_broke() -> None
     loop.begin(Direction.REQUEST, request_head(b"GET"), True)
     loop.run(Direction.REQUEST)
     assert http.calls == [("proxy", 503)]
+    # As Envoy's parity run shows (tests/parity/test_control_parity.py, request-line-unwritable).
+    assert http.proxy_details == "upstream_reset_before_response_started{connection_termination}"
     assert not loop.step(Direction.REQUEST)
 
 
