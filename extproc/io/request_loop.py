@@ -43,7 +43,7 @@ from extproc.core.events import (
     SendToProcessor,
     TrailersReceived,
 )
-from extproc.core.exchange import Exchange
+from extproc.core.exchange import ERR_LENGTH_MISMATCH, Exchange
 from extproc.core.record import Ending, RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.io.session import ProcessorSession, ProcessorSource
@@ -355,6 +355,8 @@ def wall_clock(started: float) -> datetime.datetime:
 
 def _log_fault(record: RequestRecord) -> None:
     assert record.ending is not None
+    if record.fault == ERR_LENGTH_MISMATCH:
+        return  # not a header mutation: Envoy logs nothing for it
     level, event = _FAULT_EVENTS[record.ending]
     fields: dict[str, Any] = {
         "request_id": record.request_id.decode("latin-1"),

@@ -620,6 +620,34 @@ SCENARIOS = [
         statuses=(500,),
         counters={"rejected_header_mutations": 1},
     ),
+    # Over the header count limit (100, Envoy's default): in the mutation, or after it.
+    Scenario(
+        "mutation-count-over-limit",
+        handler=mutating(
+            "request_headers",
+            mutate_headers(set_headers=[(f"x-many-{i}", "v") for i in range(101)]),
+        ),
+        statuses=(500,),
+    ),
+    Scenario(
+        "mutation-result-over-limit",
+        handler=mutating(
+            "request_headers",
+            mutate_headers(set_headers=[(f"x-many-{i}", "v") for i in range(99)]),
+        ),
+        statuses=(500,),
+    ),
+    # A BUFFERED body replaced by one of another length than content-length says: Envoy logs
+    # nothing for it.
+    Scenario(
+        "buffered-body-length-mismatch",
+        handler=mutating(
+            "request_body", ep.CommonResponse(body_mutation=ep.BodyMutation(body=b"short"))
+        ),
+        ext_proc=_ext(processing_mode={"request_body_mode": "BUFFERED"}),
+        calls=(Call(method="POST", body=b"the original body"),),
+        statuses=(500,),
+    ),
     Scenario(
         "mutations-removals-refused",
         handler=mutating(
