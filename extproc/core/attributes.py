@@ -91,7 +91,7 @@ REQUEST: dict[str, _Getter] = {
 }
 RESPONSE: dict[str, _Getter] = {
     "response.code": lambda h, c: float(h.get(b":status") or b"0"),
-    "response.code_details": lambda h, c: "via_upstream",
+    "response.code_details": lambda h, c: "",  # replaced in evaluate(): it needs the details
     "response.headers": lambda h, c: "CelMap value",
     "response.flags": lambda h, c: 0.0,
     "upstream.address": lambda h, c: _address(c.upstream),
@@ -105,11 +105,13 @@ def evaluate(
     response: Headers | None,
     conn: Connection,
     request_bytes: int = 0,
+    response_details: str = "via_upstream",
 ) -> struct_pb2.Struct:
     """The Struct of every named attribute that has a value now.
 
     ``request_bytes`` is how much request body was read so far: ``request.size`` is the
-    content-length when there is one, else that (as Envoy counts it).
+    content-length when there is one, else that (as Envoy counts it). ``response_details``
+    is the response's code details: the upstream's response, or the proxy's reply for it.
     """
     out = struct_pb2.Struct()
     for name in names:
@@ -117,6 +119,10 @@ def evaluate(
             length = request.get(b"content-length")
             size = int(length) if length is not None and length.isdigit() else request_bytes
             out.fields[name].number_value = float(size)
+            continue
+        if name == "response.code_details":
+            if response is not None:
+                out.fields[name].string_value = response_details
             continue
         getter, headers = (
             (REQUEST.get(name), request) if name in REQUEST else (RESPONSE.get(name), response)

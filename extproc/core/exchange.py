@@ -440,6 +440,8 @@ class Exchange:
                 response_head,
                 self._connection_info(),
                 self._sides[Direction.REQUEST].bytes_received,
+                # The proxy's reply in the upstream's place has its details by now.
+                self.record.details or "via_upstream",
             )
             request.attributes[attributes.ATTRIBUTES_KEY].CopyFrom(values)
 

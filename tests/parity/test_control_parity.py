@@ -713,7 +713,12 @@ SCENARIOS = [
         counters={"spurious_msgs_received": 1},
     ),
     # 10. The upstream fails: the proxy's own reply still goes through the response phase.
-    Scenario("upstream-refused", upstream="refused", statuses=(503,)),
+    Scenario(
+        "upstream-refused",
+        upstream="refused",
+        ext_proc=_ext(response_attributes=["response.code", "response.code_details"]),
+        statuses=(503,),
+    ),
     Scenario("upstream-resets", upstream="resets", statuses=(503,)),
     Scenario("upstream-closes", upstream="closes", statuses=(503,)),
     Scenario("upstream-garbage", upstream="garbage", statuses=(502,)),
