@@ -382,10 +382,12 @@ class _Run:
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["wsgi.input"] = RequestInput(self)
         # Framed as the proxy frames it upstream (wire.request_to_wire): a length when it is
-        # known, else the input reads to its end; a bodiless request keeps only a length 0.
+        # known, else the input reads to its end; a bodiless request keeps only a length 0,
+        # and gets one if its method may have a body.
         environ["wsgi.input_terminated"] = not head.end_of_stream
         if head.end_of_stream:
-            if "CONTENT_LENGTH" in environ:
+            method = head.headers.get(b":method") or b""
+            if "CONTENT_LENGTH" in environ or wire.may_have_body(method):
                 environ["CONTENT_LENGTH"] = "0"
         elif head.body_length is not None:
             environ["CONTENT_LENGTH"] = str(head.body_length)

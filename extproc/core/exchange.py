@@ -637,12 +637,15 @@ class Exchange:
             error = self._mutate(headers, common, side)
             if error:
                 return self._mutation_failed(error)
+        if headers is not None and common.HasField("body_mutation"):
+            # Envoy compares with the body the mutation carries (none: 0 bytes), not with the
+            # body that results: a mutation that only clears, or keeps, must match too.
+            length = headers.get(b"content-length")
+            carried = len(common.body_mutation.body)
+            if length is not None and length.isdigit() and int(length) != carried:
+                return self._mutation_failed(ERR_LENGTH_MISMATCH)
         body = _mutated(common.body_mutation, bytes(side.buffer))
         side.buffer.clear()
-        if headers is not None and common.HasField("body_mutation"):
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) != len(body):
-                return self._mutation_failed(ERR_LENGTH_MISMATCH)
         side.body_done = True  # the rest, if any (trailers), passes through
         if headers is not None:
             actions = self._release(side, headers, body)

@@ -140,6 +140,22 @@ def test_buffered_mutated_body_with_stale_length_fails() -> None:
     )
 
 
+def test_buffered_length_is_checked_against_the_body_the_mutation_carries() -> None:
+    """A mutation that keeps the body (clear_body false) carries none: 0 bytes against a
+    content-length of 5 fails, as in Envoy, although the body that would go on has 5."""
+    ex = exchange(request_body_mode=PM.BUFFERED)
+    ex.handle(HeadersReceived(REQ, head(5), False))
+    ex.handle(reply(request_headers=ep.HeadersResponse()))
+    ex.handle(BodyReceived(REQ, b"abcde", True))
+    common = ep.CommonResponse()
+    common.body_mutation.clear_body = False
+    actions = ex.handle(reply(request_body=ep.BodyResponse(response=common)))
+    assert isinstance(actions[1], RespondLocally)
+    assert actions[1].details == (
+        "mismatch_between_content_length_and_the_length_of_the_mutated_body"
+    )
+
+
 def test_buffered_overflow_is_413_on_requests_and_500_on_responses() -> None:
     ex = exchange(request_body_mode=PM.BUFFERED, buffer_limit=4, failure_mode_allow=True)
     ex.handle(HeadersReceived(REQ, head(None), False))
