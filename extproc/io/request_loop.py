@@ -110,6 +110,10 @@ class RequestLoop:
 
     def begin(self, direction: Direction, headers: Headers, end_of_stream: bool) -> None:
         """The direction's head arrived."""
+        # What the processor sent unasked while the upstream answered goes first, as Envoy
+        # takes it as it comes: a spurious message ends the exchange before this head is sent.
+        if direction is Direction.RESPONSE and not self._take_ready_replies():
+            return
         self._feed(HeadersReceived(direction, headers, end_of_stream))
 
     def step(self, direction: Direction) -> bool:
@@ -118,6 +122,8 @@ class RequestLoop:
         ex = self.exchange
         # Input is read to its end even once the output is done: a replaced body is drained.
         if self.local is not None or (ex.output_done(direction) and not ex.wants_input(direction)):
+            if direction is Direction.REQUEST:
+                self._listen()
             return False
         if direction is Direction.REQUEST and self._http.responding_from_proxy:
             return False  # the upstream is gone: nothing more to send it
@@ -176,6 +182,14 @@ class RequestLoop:
         if trailers is not None and self.local is None:
             self._feed(TrailersReceived(direction, Headers(trailers)))
         self._take_ready_replies()
+
+    def _listen(self) -> None:
+        """The request is out and the upstream's answer is awaited: no reply is owed, but the
+        stream stays open for the response phase, and a message that comes meanwhile must be
+        seen before that phase begins (see begin)."""
+        ex = self.exchange
+        if ex.stream_open and not (ex.complete or ex.awaiting_reply or ex.observing):
+            self.session.listen()
 
     def _take_ready_replies(self) -> bool:
         """Feed the replies already waiting; False once the exchange is answered locally."""

@@ -195,6 +195,24 @@ def keep_body_with_empty_mutation(message: ep.ProcessingRequest) -> ep.Processin
     return reply
 
 
+def unsolicited_after_request_headers(extra: ReplyFor) -> Handler:
+    """Answer the request headers, then SETTLE_S later (the proxy has sent the request on and
+    waits for the upstream) send ``extra(message)`` unasked; answer the rest with CONTINUE."""
+
+    def handler(stream: ProcessorStream) -> None:
+        while (message := stream.recv(RECV_TIMEOUT_S)) is not None:
+            stream.send(matching_reply(message))
+            if kind_of(message) == "request_headers":
+                time.sleep(SETTLE_S)
+                stream.send(extra(message))
+
+    return handler
+
+
+def early_response_headers_reply(message: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+
+
 def header_from_body_reply(message: ep.ProcessingRequest) -> ep.ProcessingResponse:
     return body_reply(message, set_headers=[("x-set-in-body-reply", kind_of(message))])
 
@@ -271,6 +289,10 @@ class UpstreamReply:
     # As Scenario.pace and Scenario.settle, for the response body.
     pace: tuple[int, ...] = ()
     settle: bool = False
+    # Answer only once the processor has seen the request headers, and twice SETTLE_S more:
+    # what it sends SETTLE_S after its reply (see unsolicited_after_request_headers) has then
+    # reached the proxy, which by then has sent the request on.
+    settle_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -406,6 +428,19 @@ SCENARIOS = [
     _request(
         "streamed-request-no-length",
         ext_proc=_modes(request_body_mode="STREAMED"),
+    ),
+    # -- A message the processor sends unasked while the proxy waits for the upstream -------
+    # Envoy takes it as it comes: spurious, status_on_error once the upstream answers, and
+    # the response headers never go to the processor.
+    _response(
+        "unsolicited-request-headers-reply-while-upstream-waits",
+        UpstreamReply(settle_head=True),
+        handler=unsolicited_after_request_headers(matching_reply),
+    ),
+    _response(
+        "unsolicited-response-headers-reply-while-upstream-waits",
+        UpstreamReply(settle_head=True),
+        handler=unsolicited_after_request_headers(early_response_headers_reply),
     ),
     # -- BUFFERED -------------------------------------------------------------------------
     _request(
@@ -1004,6 +1039,9 @@ class ReplyingUpstream:
                 )
             )
         reply = self.reply
+        if reply.settle_head:
+            self.pacer.settle("request_headers")
+            time.sleep(SETTLE_S)
         headers = [("content-type", "text/plain")]
         if reply.chunked:
             headers.append(("transfer-encoding", "chunked"))

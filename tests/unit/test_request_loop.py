@@ -43,12 +43,16 @@ class FakeStream:
         self.replies: deque[ep.ProcessingResponse] = deque()
         self.early = False
         self.closed = False
+        self.listening = False
 
     def send(self, request: ep.ProcessingRequest) -> None:
         self.sent.append(request)
 
     def start_pump(self) -> None:
         pass
+
+    def listen(self) -> None:
+        self.listening = True
 
     def ready(self) -> bool:
         return self.early and bool(self.replies)
@@ -227,3 +231,23 @@ def test_request_loop_message_timeout_answers_504_and_counts_it() -> None:
     assert record.ending is Ending.MESSAGE_TIMEOUT
     loop.finish()
     assert stats.snapshot()[EXT_PROC + "message_timeouts"] == 1
+
+
+def test_request_loop_takes_a_message_sent_unasked_before_the_response_phase() -> None:
+    # The request went on and no reply is owed: the stream listens, and what came while the
+    # upstream answered is spurious before the response headers go to the processor.
+    stream, stats = FakeStream(), Stats()
+    http = FakeHttp([])
+    loop, record = make_loop(http, stream, stats)
+    stream.replies.append(headers_reply())
+    loop.begin(Direction.REQUEST, request_head(b"GET"), True)
+    loop.run(Direction.REQUEST)
+    assert stream.listening
+    stream.replies.append(ep.ProcessingResponse(response_headers=ep.HeadersResponse()))
+    stream.early = True
+    response_head = Headers([(b":status", b"200"), (b"content-length", b"0")])
+    loop.begin(Direction.RESPONSE, response_head, True)
+    assert not loop.step(Direction.RESPONSE)
+    assert [r.WhichOneof("request") for r in stream.sent] == ["request_headers"]
+    assert loop.answer() and http.calls[-1] == ("local", 500)
+    assert record.ending is Ending.BAD_REPLY and record.spurious == 1
