@@ -485,6 +485,17 @@ class _Run:
         # A blocking read: WSGI gives no way to bound it, the deadline is checked after it.
         return self._read_input() if direction is Direction.REQUEST else self._read_app()
 
+    def read_arrived(self, direction: Direction) -> BodyPiece | None:
+        # Neither wsgi.input nor a generator can say what is there without blocking. A
+        # request body of known length is taken as arrived (it comes with the request, and
+        # every read of it blocks anyway); so is what the app already gave, and the rest of
+        # an iterable it built whole (a list or a tuple). README: WSGI middleware.
+        if direction is Direction.REQUEST:
+            return self._read_input() if self.input_left is not None else None
+        if self.app_written or self.app_iter is None or isinstance(self.app_result, list | tuple):
+            return self._read_app()
+        return None
+
     def answer_locally(self, reply: RespondLocally) -> None:
         aborted = ExchangeAborted(f"local reply after the response started: {reply.details}")
         if self.record.bytes_out:

@@ -690,6 +690,33 @@ SCENARIOS = [
         body=CL_BODY,
         coalesce=True,
     ),
+    # A processor that replaces each body message it gets: a whole body that came early is
+    # one message, so its replacement goes upstream once.
+    _request(
+        "streamed-request-replace-each-whole-body",
+        ext_proc=_modes(request_body_mode="STREAMED"),
+        handler=answering(request_body=lambda m: body_reply(m, body=b"replaced")),
+        body=CL_BODY,
+    ),
+    _request(
+        "streamed-request-whole-chunked-body-trailers",
+        ext_proc=_modes(request_body_mode="STREAMED", request_trailer_mode="SEND"),
+        handler=answering(request_body=header_from_body_reply, request_trailers=mutate_trailers),
+        body=(CHUNKS[0] + CHUNKS[1] + CHUNKS[2],),
+        trailers=TRAILERS,
+    ),
+    _response(
+        "streamed-response-header-mutation-whole-body",
+        CL_REPLY,
+        ext_proc=_modes(response_body_mode="STREAMED"),
+        handler=answering(response_body=header_from_body_reply),
+    ),
+    _response(
+        "streamed-response-replace-each-whole-chunked-body",
+        UpstreamReply(chunks=(b"one write: the whole chunked body",)),
+        ext_proc=_modes(response_body_mode="STREAMED"),
+        handler=answering(response_body=lambda m: body_reply(m, body=b"replaced")),
+    ),
     _response(
         "streamed-response-content-length",
         CL_REPLY,
@@ -1388,14 +1415,7 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> Observati
 
 
 # Differences kept on purpose, each with the reason; README "Where extproc differs".
-DELIBERATE = {
-    "streamed-request-header-mutation-whole-body": (
-        "extproc reads a body only after the headers reply, so Envoy's STREAMED case of a body"
-        " that arrived whole before that reply (handled as BUFFERED, head still held, header"
-        " mutations of the body reply applied) does not arise; as with Envoy when the body"
-        " comes later, the body reply's header mutation is ignored"
-    ),
-}
+DELIBERATE: dict[str, str] = {}
 
 
 def _params() -> list[Any]:

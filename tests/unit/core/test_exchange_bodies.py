@@ -375,3 +375,50 @@ def test_strips_content_length() -> None:
     assert modes.strips_content_length(PM.BUFFERED, PM.SKIP)
     assert not modes.strips_content_length(PM.BUFFERED, PM.SEND)
     assert not modes.strips_content_length(PM.NONE, PM.SEND)
+
+
+# STREAMED body that came while the headers reply was pending -----------------------------
+
+
+def test_streamed_early_part_of_the_body_is_one_message_after_the_headers_reply() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED)
+    ex.handle(HeadersReceived(REQ, head(None), False))
+    assert ex.takes_arrived_input(REQ) and not ex.wants_input(REQ)
+    assert ex.handle(BodyReceived(REQ, b"ab", False)) == []
+    assert ex.handle(BodyReceived(REQ, b"cd", False)) == []
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse()))
+    assert forwarded(actions) == [("headers", False, None)]
+    assert sent(actions) == [("request_body", b"abcd")]
+    assert not ex.takes_arrived_input(REQ) and ex.wants_input(REQ)
+
+
+def test_streamed_early_whole_body_fails_open_with_nothing_lost() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED, failure_mode_allow=True)
+    ex.handle(HeadersReceived(REQ, head(None), False))
+    ex.handle(BodyReceived(REQ, b"abc", False))
+    ex.handle(BodyReceived(REQ, b"", True))
+    actions = ex.handle(ProcessorClosed(14, "unavailable"))
+    assert forwarded(actions) == [("headers", False, None), ("body", b"abc", True)]
+
+
+def test_streamed_early_body_after_a_mode_override_to_none_goes_on() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED, allow_mode_override=True)
+    ex.handle(HeadersReceived(REQ, head(3), False))
+    ex.handle(BodyReceived(REQ, b"abc", False))
+    ex.handle(BodyReceived(REQ, b"", True))
+    override = ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(),
+        mode_override=PM(request_body_mode=PM.NONE),
+    )
+    actions = ex.handle(ProcessorReplied(override))
+    assert forwarded(actions) == [("headers", False, 3), ("body", b"abc", True)]
+    assert sent(actions) == []
+
+
+def test_streamed_early_trailers_alone_follow_the_head() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED, request_trailer_mode=PM.SEND)
+    ex.handle(HeadersReceived(REQ, head(None), False))
+    assert ex.handle(TrailersReceived(REQ, Headers([(b"x-t", b"1")]))) == []
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse()))
+    assert forwarded(actions) == [("headers", False, None)]
+    assert sent(actions) == [("request_trailers", None)]
