@@ -385,10 +385,12 @@ class _Run:
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["wsgi.input"] = RequestInput(self)
         # Framed as the proxy frames it upstream (wire.request_to_wire): a length when it is
-        # known, else the input reads to its end; a bodiless request keeps only a length 0.
+        # known, else the input reads to its end; a bodiless request keeps only a length 0,
+        # and gets one if its method may have a body.
         environ["wsgi.input_terminated"] = not head.end_of_stream
         if head.end_of_stream:
-            if "CONTENT_LENGTH" in environ:
+            method = head.headers.get(b":method") or b""
+            if "CONTENT_LENGTH" in environ or wire.may_have_body(method):
                 environ["CONTENT_LENGTH"] = "0"
         elif head.body_length is not None:
             environ["CONTENT_LENGTH"] = str(head.body_length)
@@ -485,6 +487,17 @@ class _Run:
     def read_body(self, direction: Direction, limit: float) -> BodyPiece:
         # A blocking read: WSGI gives no way to bound it, the deadline is checked after it.
         return self._read_input() if direction is Direction.REQUEST else self._read_app()
+
+    def read_arrived(self, direction: Direction) -> BodyPiece | None:
+        # Neither wsgi.input nor a generator can say what is there without blocking. A
+        # request body of known length is taken as arrived (it comes with the request, and
+        # every read of it blocks anyway); so is what the app already gave, and the rest of
+        # an iterable it built whole (a list or a tuple). README: WSGI middleware.
+        if direction is Direction.REQUEST:
+            return self._read_input() if self.input_left is not None else None
+        if self.app_written or self.app_iter is None or isinstance(self.app_result, list | tuple):
+            return self._read_app()
+        return None
 
     def answer_locally(self, reply: RespondLocally) -> None:
         aborted = ExchangeAborted(f"local reply after the response started: {reply.details}")

@@ -121,6 +121,7 @@ class _Side:
     first_headers: Headers | None = None  # as received, for attributes
     discard: bool = False  # CONTINUE_AND_REPLACE replaced the body: drop the original
     duplex_data_sent: bool = False
+    early: bool = False  # body data or its end came while the headers reply was pending
 
     @property
     def fields(self) -> _Fields:
@@ -203,6 +204,28 @@ class Exchange:
         # STREAMED flow control: stop reading while too much is unanswered.
         return side.outstanding <= self.settings.buffer_limit
 
+    def takes_arrived_input(self, direction: Direction) -> bool:
+        """Whether body data that has already arrived should be fed now, before the reply
+        being awaited: STREAMED waits for the headers reply before it sends any body, and
+        Envoy then sends what came meanwhile as one message (a whole body with its end, and
+        BUFFERED semantics). Up to the buffer limit, as Envoy's watermark stops reading."""
+        side = self._sides[direction]
+        return (
+            side.awaiting is Awaiting.HEADERS
+            and self._early_body(side)
+            and not side.input_done
+            and len(side.buffer) <= self.settings.buffer_limit
+        )
+
+    def _early_body(self, side: _Side) -> bool:
+        """Whether body data fed while the headers reply is pending is held for after it."""
+        return (
+            side.body_mode == modes.STREAMED
+            and not self.complete
+            and not self.observing
+            and not self.settings.send_body_without_waiting_for_header_response
+        )
+
     def forwards_body_as_read(self, direction: Direction) -> bool:
         """Whether each body piece read now goes out at once, with no processor reply
         awaited in between (the I/O layer may then write the head and body together)."""
@@ -281,6 +304,9 @@ class Exchange:
     def _on_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         side.input_done = eos
         side.bytes_received += len(data)
+        return self._body(side, data, eos)
+
+    def _body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
         if side.discard:
             # A replaced body: the original's bytes are dropped, its end still ends ours.
             return self._forward_body(side, b"", True) if eos and not side.output_done else []
@@ -291,6 +317,10 @@ class Exchange:
         if self.complete or side.passthrough:
             return self._forward_body(side, data, eos)
         mode = side.body_mode
+        if side.awaiting is Awaiting.HEADERS and self._early_body(side):
+            side.early = True
+            side.buffer += data  # taken up by the headers reply (see _early_reply)
+            return []
         if mode == modes.BUFFERED:
             return self._buffer(side, data, eos)
         if mode == modes.BUFFERED_PARTIAL:
@@ -363,6 +393,7 @@ class Exchange:
             message = codec.trailers_request(side.fields.trailers, self._visible(trailers))
             return [self._send(side, message, timed=False)]
         if side.awaiting is Awaiting.HEADERS:
+            side.early = side.early or self._early_body(side)
             return []
         buffering = side.body_mode in (modes.BUFFERED, modes.BUFFERED_PARTIAL)
         if buffering and not side.body_done:
@@ -625,6 +656,12 @@ class Exchange:
         side.awaiting = Awaiting.IDLE
         if common.status == CONTINUE_AND_REPLACE:
             return self._replace(side, headers, common)
+        if side.early:
+            return self._early_reply(side, headers)
+        return self._after_headers(side, headers)
+
+    def _after_headers(self, side: _Side, headers: Headers) -> list[Action]:
+        """The headers reply is applied: hold or release the head as the body mode says."""
         if side.body_mode in (modes.BUFFERED, modes.BUFFERED_PARTIAL) and not side.input_done:
             return []  # held until the body reply
         if side.body_mode == modes.FULL_DUPLEX_STREAMED and not side.headers_eos:
@@ -635,6 +672,30 @@ class Exchange:
         elif side.trailers is not None:
             actions += self._trailers_next(side)
         return [*actions, *self._close_if_done()]
+
+    def _early_reply(self, side: _Side, headers: Headers) -> list[Action]:
+        """Body data (or the end) came while the headers reply was pending (STREAMED holds
+        it, see takes_arrived_input). A whole body goes as one message and is handled as
+        BUFFERED, whatever the mode a mode_override left: the head is held for the body
+        reply, whose header mutation applies (Envoy's rule). Part of a body, or only
+        trailers, is taken as if it came now: in STREAMED, what was held is one message."""
+        side.early = False
+        trailers = side.trailers
+        if side.input_done and side.body_mode != modes.NONE and (side.buffer or trailers is None):
+            side.awaiting = Awaiting.BODY
+            message = codec.body_request(side.fields.body, bytes(side.buffer), trailers is None)
+            return [self._send(side, message)]
+        data = bytes(side.buffer)
+        side.buffer.clear()
+        eos = side.input_done and trailers is None
+        side.input_done, side.trailers = False, None
+        actions = self._after_headers(side, headers)
+        if data or eos:
+            side.input_done = eos
+            actions += self._body(side, data, eos)
+        if trailers is not None:
+            actions += self._on_trailers(side, trailers)
+        return actions
 
     def _replace(self, side: _Side, headers: Headers, common: ep.CommonResponse) -> list[Action]:
         """CONTINUE_AND_REPLACE: no more messages for this direction; maybe a new body."""
@@ -667,12 +728,15 @@ class Exchange:
             error = self._mutate(headers, common, side)
             if error:
                 return self._mutation_failed(error)
+        if headers is not None and common.HasField("body_mutation"):
+            # Envoy compares with the body the mutation carries (none: 0 bytes), not with the
+            # body that results: a mutation that only clears, or keeps, must match too.
+            length = headers.get(b"content-length")
+            carried = len(common.body_mutation.body)
+            if length is not None and length.isdigit() and int(length) != carried:
+                return self._mutation_failed(ERR_LENGTH_MISMATCH)
         body = _mutated(common.body_mutation, bytes(side.buffer))
         side.buffer.clear()
-        if headers is not None and common.HasField("body_mutation"):
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) != len(body):
-                return self._mutation_failed(ERR_LENGTH_MISMATCH)
         side.body_done = True  # the rest, if any (trailers), passes through
         if headers is not None:
             actions = self._release(side, headers, body)
@@ -787,7 +851,8 @@ class Exchange:
                 merged.response_trailer_mode,
             ),
         ):
-            if not side.input_done or not side.started:
+            # A body that came whole while the headers reply was pending is still to send.
+            if not side.input_done or side.early or not side.started:
                 side.body_mode, side.trailer_mode = body, trailer
                 side.strip_length = side.started and modes.strips_content_length(
                     body, self._header_mode(side)

@@ -189,18 +189,30 @@ def request_to_wire(
     """Method, target and wire headers for the upstream request.
 
     ``body_length`` is the exact length of the body that will be sent, or None when it will
-    be sent chunked. A bodiless request keeps only a ``Content-Length: 0``.
+    be sent chunked. A bodiless request keeps only a ``Content-Length: 0``, and gets one when
+    its method may carry a body, as Envoy's codec writes it (an origin may answer a POST
+    without any framing with 411).
     """
+    method = headers.get(b":method") or b""
     length = b"0" if not has_body else None if body_length is None else str(body_length).encode()
     wire: list[Header] = [(b"host", headers.get(b":authority") or b"")]
     wire += _with_length(
         [h for h in headers.regular() if h[0] != b"host"],
         length,
-        add=has_body and length is not None,
+        add=length is not None and (has_body or may_have_body(method)),
     )
     if has_body and body_length is None:
         wire.append((b"transfer-encoding", b"chunked"))
-    return headers.get(b":method") or b"", headers.get(b":path") or b"", wire
+    return method, headers.get(b":path") or b"", wire
+
+
+def may_have_body(method: bytes) -> bool:
+    """Whether a request with this method may carry a body: when it has none, it is framed
+    with ``Content-Length: 0`` (Envoy's HeaderUtility::requestShouldHaveNoBody)."""
+    return method not in _BODILESS_METHODS
+
+
+_BODILESS_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"TRACE", b"CONNECT"))
 
 
 def _with_length(headers: list[Header], length: bytes | None, add: bool) -> list[Header]:

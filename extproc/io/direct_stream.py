@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 METHOD = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 # Batch tags: what a completed event was. EXCHANGE sends a message and receives the next one.
 _SEND, _RECV, _EXCHANGE, _STATUS, _CLOSE = "send", "recv", "exchange", "status", "close"
+# An empty batch: it completes at once, behind every batch that completed before it started.
+_PROBE = "probe"
 _CYGRPC_NAMES = (
     "PropagationConstants",
     "SendInitialMetadataOperation",
@@ -218,7 +220,7 @@ class DirectStream:
                 details = details.decode("utf-8", "replace")
             self._status = (int(operation.code()), details or "")
             return
-        if tag == _CLOSE:
+        if tag in (_CLOSE, _PROBE):
             return
         if tag != _RECV:
             self._sending = False
@@ -246,21 +248,22 @@ class DirectStream:
                 self._start(held, receive=True)
         call = self._call
         assert call is not None, "recv before send"
-        # Armed once the call exists, so that a timer running out can cancel it.
-        timer = self._client.watchdog.arm(timeout, self._expire)
-        try:
-            while not self._responses:
-                with self._lock:
-                    self._start_recv()
-                    if not self._receiving() and _STATUS not in self._due:
-                        break
-                event = call.next_event()
-                with self._lock:
-                    self._take(event)
-        finally:
-            Watchdog.disarm(timer)
-        if self._expired:
-            raise ProcessorTimeout(f"no reply within {timeout:g}s")
+        if not self._responses and not self._over():
+            # Armed once the call exists, so that a timer running out can cancel it.
+            timer = self._client.watchdog.arm(timeout, self._expire)
+            try:
+                while not self._responses:
+                    with self._lock:
+                        self._start_recv()
+                        if self._over():
+                            break
+                    event = call.next_event()
+                    with self._lock:
+                        self._take(event)
+            finally:
+                Watchdog.disarm(timer)
+            if self._expired:
+                raise ProcessorTimeout(f"no reply within {timeout:g}s")
         if self._responses:
             return self._responses.popleft()
         assert self._status is not None
@@ -268,6 +271,15 @@ class DirectStream:
         if code == 0:
             return None
         raise ProcessorStreamError(code, details)
+
+    def _over(self) -> bool:
+        """Whether nothing more can come: no receive and no status due."""
+        return not self._receiving() and _STATUS not in self._due
+
+    def listen(self) -> None:
+        with self._lock:
+            if self._replies is None and self._call is not None and not self._closed:
+                self._start_recv()
 
     def _expire(self) -> None:
         self._expired = True
@@ -292,7 +304,24 @@ class DirectStream:
         self._client.pumps.submit(self._pump)
 
     def ready(self) -> bool:
-        return self._replies is not None and not self._replies.empty()
+        if self._replies is not None:
+            return not self._replies.empty()
+        if not self._responses and self._receiving() and not self._closed:
+            self._probe()
+        return bool(self._responses) or (self._status is not None and self._over())
+
+    def _probe(self) -> None:
+        """Take every batch that completed before now: an empty batch is started, and the
+        call's events are taken up to its own, which completes at once."""
+        call = self._call
+        with self._lock:
+            if not call.operate((), _PROBE):
+                return
+            self._due.add(_PROBE)
+        while _PROBE in self._due:
+            event = call.next_event()
+            with self._lock:
+                self._take(event)
 
     def _pump(self) -> None:
         call = self._call

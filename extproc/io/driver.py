@@ -385,6 +385,13 @@ class _RequestRun:
                 raise ClientBodyError(408, "request body timeout") from err
             raise
 
+    def read_arrived(self, direction: Direction) -> BodyPiece | None:
+        if direction is Direction.RESPONSE and self.proxy_response is not None:
+            return self.proxy_response.body, True, None  # all here, as Envoy's local reply is
+        if direction is Direction.REQUEST:
+            return self._read_request_body(None)
+        return self._read_upstream_body(None)
+
     def respond_from_proxy(self, status: int, body: bytes, details: str) -> None:
         self.proxy_response = _ProxyResponse(status, body)
         self.record.details = details
@@ -526,10 +533,14 @@ class _RequestRun:
         headers = wire.response_from_wire(event.status_code, wire_headers)
         return headers, not allowed or length == 0
 
-    def _read_upstream_body(self, timeout: float) -> BodyPiece:
+    def _read_upstream_body(self, timeout: float | None) -> BodyPiece | None:
+        """The next piece of the upstream's body; None for ``timeout``: only what arrived."""
         assert self.upstream is not None
         try:
-            piece = self.upstream.read_body(timeout)
+            upstream = self.upstream
+            piece = upstream.read_body(timeout) if timeout is not None else upstream.read_arrived()
+            if piece is None:
+                return None
             if piece[2] is not None and not wire.trailers_are_clean(piece[2]):
                 raise h11.RemoteProtocolError("invalid character in a trailer value")
             return piece
@@ -545,9 +556,13 @@ class _RequestRun:
             self._close_upstream()
             raise ConnectionAborted("upstream broke mid-response") from err
 
-    def _read_request_body(self, timeout: float) -> BodyPiece:
+    def _read_request_body(self, timeout: float | None) -> BodyPiece | None:
+        """The next piece of the request body; None for ``timeout``: only what arrived."""
+        conn = self.down.conn
         try:
-            piece = self.down.conn.read_body(timeout)
+            piece = conn.read_body(timeout) if timeout is not None else conn.read_arrived()
+            if piece is None:
+                return None
         except h11.RemoteProtocolError as err:
             raise ClientBodyError(400, f"request body: {err}") from err
         except ConnectionResetError as err:

@@ -21,6 +21,9 @@ from typing import Any
 import h11
 
 READ_SIZE = 65536
+# A piece of a message body: its bytes, whether it ends the message, and the trailers that
+# end it instead.
+Piece = tuple[bytes, bool, list[tuple[bytes, bytes]] | None]
 # A kernel socket timeout of zero means "wait forever": the shortest real one is 1 µs.
 _MIN_TIMEOUT = 1e-6
 
@@ -119,7 +122,7 @@ class Http1Connection:
             event = self.h11.next_event()
         return event
 
-    def read_body(self, timeout: float) -> tuple[bytes, bool, list[tuple[bytes, bytes]] | None]:
+    def read_body(self, timeout: float) -> Piece:
         """The next piece of a message body: all the data one read brought, whether the
         message ended, and its trailers if it ended with some.
 
@@ -127,21 +130,33 @@ class Http1Connection:
         joined), and the end of the message is always a piece of its own, without data.
         """
         if self._end is not None:
-            event, self._end = self._end, None
-            return b"", not event.headers, [(n, v) for n, v in event.headers] or None
+            return self._take_end()
+        return self._piece(self.next_event(timeout))
+
+    def read_arrived(self) -> Piece | None:
+        """As :meth:`read_body`, from what has already arrived: the bytes held plus at most
+        one read that does not wait; None when that holds no piece."""
+        if self._end is not None:
+            return self._take_end()
+        event = self.poll_event()
+        return None if event is h11.NEED_DATA else self._piece(event)
+
+    def _piece(self, event: Any) -> Piece:
+        """The piece that starts with ``event``."""
         parts: list[bytes] = []
-        event = self.next_event(timeout)
         while isinstance(event, h11.Data):
             parts.append(event.data)
             event = self.h11.next_event()
         if isinstance(event, h11.EndOfMessage):
-            if parts:
-                self._end = event
-                return _join(parts), False, None
-            return b"", not event.headers, [(n, v) for n, v in event.headers] or None
+            self._end = event
+            return (_join(parts), False, None) if parts else self._take_end()
         if event is h11.NEED_DATA and parts:
             return _join(parts), False, None
         raise ConnectionResetError(f"peer ended the message early ({event!r})")
+
+    def _take_end(self) -> Piece:
+        event, self._end = self._end, None
+        return b"", not event.headers, [(n, v) for n, v in event.headers] or None
 
     def buffered_event_ready(self) -> bool:
         """Whether bytes already received hold (part of) another message, e.g. pipelining."""

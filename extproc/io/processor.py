@@ -45,8 +45,13 @@ class ProcessorStream(Protocol):
     def start_pump(self) -> None:
         """From now on, replies are drained into a queue by a pool thread."""
 
+    def listen(self) -> None:
+        """Nothing is owed now: a message that comes all the same must be seen by
+        :meth:`ready` (a receive is started, or the stream is pumped)."""
+
     def ready(self) -> bool:
-        """Whether a reply (or the end) is waiting; only meaningful once pumped."""
+        """Whether a reply (or the end) is waiting, without waiting for one; only meaningful
+        once pumped or listening."""
 
     def recv(self, timeout: float) -> ep.ProcessingResponse | None:
         """The next reply, or None when the processor closed the stream with OK.

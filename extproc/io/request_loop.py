@@ -78,6 +78,11 @@ class HttpSide(Protocol):
         message deadline) passed first. A side whose reads cannot be bounded ignores it."""
         ...
 
+    def read_arrived(self, direction: Direction) -> BodyPiece | None:
+        """The next piece of the direction's body that has already arrived, without waiting;
+        None when nothing has (or the side cannot tell)."""
+        ...
+
     def forward_headers(self, action: ForwardHeaders) -> None: ...
 
     def forward_body(self, action: ForwardBody) -> None: ...
@@ -120,6 +125,10 @@ class RequestLoop:
 
     def begin(self, direction: Direction, headers: Headers, end_of_stream: bool) -> None:
         """The direction's head arrived."""
+        # What the processor sent unasked while the upstream answered goes first, as Envoy
+        # takes it as it comes: a spurious message ends the exchange before this head is sent.
+        if direction is Direction.RESPONSE and not self._take_ready_replies():
+            return
         self._feed(HeadersReceived(direction, headers, end_of_stream))
 
     def step(self, direction: Direction) -> bool:
@@ -128,15 +137,17 @@ class RequestLoop:
         ex = self.exchange
         # Input is read to its end even once the output is done: a replaced body is drained.
         if self.local is not None or (ex.output_done(direction) and not ex.wants_input(direction)):
+            if direction is Direction.REQUEST:
+                self._listen()
             return False
         if direction is Direction.REQUEST and self._http.responding_from_proxy:
             return False  # the upstream is gone: nothing more to send it
         if self._reply_first and ex.awaiting_reply and ex.timer_running:
-            self._wait_reply(self.session.time_left())
+            self._wait_reply(self.session.time_left(), direction)
         elif ex.wants_input(direction):
             self._read(direction)
         elif ex.awaiting_reply:
-            self._wait_reply(self.session.time_left())
+            self._wait_reply(self.session.time_left(), direction)
         else:
             raise RuntimeError(f"exchange stuck in the {direction.value} direction")
         return True
@@ -177,17 +188,39 @@ class RequestLoop:
         if piece is None:
             self._wait_reply(0)  # the message deadline passed while reading
             return
-        data, eos, trailers = piece
         if direction is Direction.REQUEST:
-            self.record.bytes_in += len(data)
+            self.record.bytes_in += len(piece[0])
         # Replies that came while the read blocked go first, as Envoy takes events in arrival
         # order: an ImmediateResponse among them ends the exchange before this piece is sent.
         if not self._take_ready_replies():
             return
+        self._feed_piece(direction, piece)
+        self._take_ready_replies()
+
+    def _feed_piece(self, direction: Direction, piece: BodyPiece) -> None:
+        data, eos, trailers = piece
         self._feed(BodyReceived(direction, data, eos))
         if trailers is not None and self.local is None:
             self._feed(TrailersReceived(direction, Headers(trailers)))
-        self._take_ready_replies()
+
+    def _take_arrived(self, direction: Direction) -> None:
+        """Feed the body that arrived while a reply was awaited, ahead of that reply, when
+        the exchange takes it (see Exchange.takes_arrived_input)."""
+        while self.exchange.takes_arrived_input(direction):
+            piece = self._http.read_arrived(direction)
+            if piece is None:
+                return
+            if direction is Direction.REQUEST:
+                self.record.bytes_in += len(piece[0])
+            self._feed_piece(direction, piece)
+
+    def _listen(self) -> None:
+        """The request is out and the upstream's answer is awaited: no reply is owed, but the
+        stream stays open for the response phase, and a message that comes meanwhile must be
+        seen before that phase begins (see begin)."""
+        ex = self.exchange
+        if ex.stream_open and not (ex.complete or ex.awaiting_reply or ex.observing):
+            self.session.listen()
 
     def _take_ready_replies(self) -> bool:
         """Feed the replies already waiting; False once the exchange is answered locally."""
@@ -195,9 +228,13 @@ class RequestLoop:
             self._wait_reply(0)
         return self.local is None
 
-    def _wait_reply(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the processor, and feed what happened."""
-        self._feed(self.session.wait(timeout))
+    def _wait_reply(self, timeout: float, direction: Direction | None = None) -> None:
+        """Wait up to ``timeout`` for the processor, and feed what happened (after the
+        ``direction``'s body that arrived meanwhile, when the exchange takes it)."""
+        event = self.session.wait(timeout)
+        if direction is not None:
+            self._take_arrived(direction)
+        self._feed(event)
         if not self.exchange.timer_running:
             self.session.stop_timer()
 

@@ -77,6 +77,11 @@ class ProcessorSession:
         if self.stream is not None:
             self.stream.start_pump()
 
+    def listen(self) -> None:
+        """No reply is owed: have one that comes unasked noticed by :meth:`replies_ready`."""
+        if self.stream is not None:
+            self.stream.listen()
+
     def time_left(self) -> float:
         if self.deadline is None:
             return UNTIMED_WAIT

@@ -66,6 +66,10 @@ class StubStream:
             self._replies = queue.SimpleQueue()
             self._client.pumps.submit(_pump, self._call, self._replies)
 
+    def listen(self) -> None:
+        # A blocking iterator cannot be asked whether a reply came: a pool thread drains it.
+        self.start_pump()
+
     def ready(self) -> bool:
         return self._replies is not None and not self._replies.empty()
 

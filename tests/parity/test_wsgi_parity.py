@@ -282,7 +282,50 @@ def empty_body_ends_itself(observation: Observation) -> None:
     )
 
 
+def body_after_the_headers_reply(observation: Observation) -> None:
+    """A STREAMED body that came whole before the headers reply, which the proxy (as Envoy)
+    sends as one message with its end and BUFFERED semantics: a chunked request body, or
+    what a generator app gives, cannot be seen without waiting for it, so the middleware
+    reads it after the reply, as it comes. The end then comes in a message of its own, and
+    the body reply's header mutation is too late (the head went on)."""
+    for stream in observation["processor"]:
+        for index in range(len(stream) - 1, -1, -1):
+            message = stream[index]
+            if message["kind"].endswith("_body") and message["body"] and message["end_of_stream"]:
+                message["end_of_stream"] = False
+                stream.insert(index + 1, {**message, "body": b"", "end_of_stream": True})
+                if "counters" in observation:
+                    observation["counters"]["stream_msgs_sent"] += 1
+                    observation["counters"]["stream_msgs_received"] += 1
+    places = [*_clients(observation), *observation["upstream"]]
+    places += [c["body"] for c in _clients(observation) if isinstance(c.get("body"), dict)]
+    for place in places:
+        if "headers" in place:
+            place["headers"] = [(n, v) for n, v in place["headers"] if n != _SET_IN_BODY_REPLY]
+
+
+_SET_IN_BODY_REPLY = "x-set-in-body-reply"
+
+
+def each_message_replaced(observation: Observation) -> None:
+    """As body_after_the_headers_reply, and the processor replaces each body message it
+    gets: the data and the end, so the client gets the replacement twice."""
+    body_after_the_headers_reply(observation)
+    observation["client"]["body"] *= 2
+
+
 SCENARIO_DIFFERENCES: dict[str, tuple[str, Difference]] = {
+    **dict.fromkeys(
+        (
+            "streamed-request-whole-chunked-body-trailers",
+            "streamed-response-header-mutation-whole-body",
+        ),
+        (body_after_the_headers_reply.__doc__ or "", body_after_the_headers_reply),
+    ),
+    "streamed-response-replace-each-whole-chunked-body": (
+        each_message_replaced.__doc__ or "",
+        each_message_replaced,
+    ),
     "empty-request-chunked-trailers-only": (
         empty_body_ends_itself.__doc__ or "",
         empty_body_ends_itself,

@@ -43,12 +43,16 @@ class FakeStream:
         self.replies: deque[ep.ProcessingResponse] = deque()
         self.early = False
         self.closed = False
+        self.listening = False
 
     def send(self, request: ep.ProcessingRequest) -> None:
         self.sent.append(request)
 
     def start_pump(self) -> None:
         pass
+
+    def listen(self) -> None:
+        self.listening = True
 
     def ready(self) -> bool:
         return self.early and bool(self.replies)
@@ -89,6 +93,7 @@ class FakeHttp:
         self.on_read: list[ep.ProcessingResponse] = []  # replies that arrive during a read
         self.stream: FakeStream | None = None
         self.heads: list[Headers] = []
+        self.arrived: deque[BodyPiece] = deque()  # there already, read without waiting
 
     @property
     def responding_from_proxy(self) -> bool:
@@ -101,6 +106,13 @@ class FakeHttp:
             self.on_read = []
         piece = self.pieces.popleft()
         self.calls.append(("read", piece[0]))
+        return piece
+
+    def read_arrived(self, direction: Direction) -> BodyPiece | None:
+        if not self.arrived:
+            return None
+        piece = self.arrived.popleft()
+        self.calls.append(("arrived", piece[0]))
         return piece
 
     def forward_headers(self, action: ForwardHeaders) -> None:
@@ -231,3 +243,48 @@ def test_request_loop_message_timeout_answers_504_and_counts_it() -> None:
     assert record.ending is Ending.MESSAGE_TIMEOUT
     loop.finish()
     assert stats.snapshot()[EXT_PROC + "message_timeouts"] == 1
+
+
+def test_request_loop_takes_a_message_sent_unasked_before_the_response_phase() -> None:
+    # The request went on and no reply is owed: the stream listens, and what came while the
+    # upstream answered is spurious before the response headers go to the processor.
+    stream, stats = FakeStream(), Stats()
+    http = FakeHttp([])
+    loop, record = make_loop(http, stream, stats)
+    stream.replies.append(headers_reply())
+    loop.begin(Direction.REQUEST, request_head(b"GET"), True)
+    loop.run(Direction.REQUEST)
+    assert stream.listening
+    stream.replies.append(ep.ProcessingResponse(response_headers=ep.HeadersResponse()))
+    stream.early = True
+    response_head = Headers([(b":status", b"200"), (b"content-length", b"0")])
+    loop.begin(Direction.RESPONSE, response_head, True)
+    assert not loop.step(Direction.RESPONSE)
+    assert [r.WhichOneof("request") for r in stream.sent] == ["request_headers"]
+    assert loop.answer() and http.calls[-1] == ("local", 500)
+    assert record.ending is Ending.BAD_REPLY and record.spurious == 1
+
+
+def test_request_loop_sends_a_streamed_body_that_arrived_whole_as_one_message() -> None:
+    # STREAMED: the body came with the head, before the headers reply; it goes as one message
+    # with its end, the head held for that message's reply (BUFFERED semantics, as Envoy).
+    stream, stats = FakeStream(), Stats()
+    http = FakeHttp([])
+    http.arrived.extend([(b"ab", False, None), (b"cd", False, None), (b"", True, None)])
+    streamed = ProcessingMode(request_body_mode=ProcessingMode.STREAMED)
+    loop, record = make_loop(http, stream, stats, processing_mode=streamed)
+    stream.replies.append(headers_reply())
+    mutation = ep.HeaderMutation(set_headers=[{"header": {"key": "x-b", "raw_value": b"1"}}])
+    stream.replies.append(
+        ep.ProcessingResponse(
+            request_body=ep.BodyResponse(response=ep.CommonResponse(header_mutation=mutation))
+        )
+    )
+    loop.begin(Direction.REQUEST, request_head(), False)
+    loop.run(Direction.REQUEST)
+    bodies = [(r.request_body.body, r.request_body.end_of_stream) for r in stream.sent[1:]]
+    assert bodies == [(b"abcd", True)]
+    assert [c[0] for c in http.calls] == ["arrived", "arrived", "arrived", "headers", "body"]
+    assert http.heads[0].get(b"x-b") == b"1"
+    assert http.calls[-1] == ("body", (b"abcd", True))
+    assert record.bytes_in == 4

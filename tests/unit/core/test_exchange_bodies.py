@@ -140,6 +140,22 @@ def test_buffered_mutated_body_with_stale_length_fails() -> None:
     )
 
 
+def test_buffered_length_is_checked_against_the_body_the_mutation_carries() -> None:
+    """A mutation that keeps the body (clear_body false) carries none: 0 bytes against a
+    content-length of 5 fails, as in Envoy, although the body that would go on has 5."""
+    ex = exchange(request_body_mode=PM.BUFFERED)
+    ex.handle(HeadersReceived(REQ, head(5), False))
+    ex.handle(reply(request_headers=ep.HeadersResponse()))
+    ex.handle(BodyReceived(REQ, b"abcde", True))
+    common = ep.CommonResponse()
+    common.body_mutation.clear_body = False
+    actions = ex.handle(reply(request_body=ep.BodyResponse(response=common)))
+    assert isinstance(actions[1], RespondLocally)
+    assert actions[1].details == (
+        "mismatch_between_content_length_and_the_length_of_the_mutated_body"
+    )
+
+
 def test_buffered_overflow_is_413_on_requests_and_500_on_responses() -> None:
     ex = exchange(request_body_mode=PM.BUFFERED, buffer_limit=4, failure_mode_allow=True)
     ex.handle(HeadersReceived(REQ, head(None), False))
@@ -359,3 +375,50 @@ def test_strips_content_length() -> None:
     assert modes.strips_content_length(PM.BUFFERED, PM.SKIP)
     assert not modes.strips_content_length(PM.BUFFERED, PM.SEND)
     assert not modes.strips_content_length(PM.NONE, PM.SEND)
+
+
+# STREAMED body that came while the headers reply was pending -----------------------------
+
+
+def test_streamed_early_part_of_the_body_is_one_message_after_the_headers_reply() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED)
+    ex.handle(HeadersReceived(REQ, head(None), False))
+    assert ex.takes_arrived_input(REQ) and not ex.wants_input(REQ)
+    assert ex.handle(BodyReceived(REQ, b"ab", False)) == []
+    assert ex.handle(BodyReceived(REQ, b"cd", False)) == []
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse()))
+    assert forwarded(actions) == [("headers", False, None)]
+    assert sent(actions) == [("request_body", b"abcd")]
+    assert not ex.takes_arrived_input(REQ) and ex.wants_input(REQ)
+
+
+def test_streamed_early_whole_body_fails_open_with_nothing_lost() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED, failure_mode_allow=True)
+    ex.handle(HeadersReceived(REQ, head(None), False))
+    ex.handle(BodyReceived(REQ, b"abc", False))
+    ex.handle(BodyReceived(REQ, b"", True))
+    actions = ex.handle(ProcessorClosed(14, "unavailable"))
+    assert forwarded(actions) == [("headers", False, None), ("body", b"abc", True)]
+
+
+def test_streamed_early_body_after_a_mode_override_to_none_goes_on() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED, allow_mode_override=True)
+    ex.handle(HeadersReceived(REQ, head(3), False))
+    ex.handle(BodyReceived(REQ, b"abc", False))
+    ex.handle(BodyReceived(REQ, b"", True))
+    override = ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(),
+        mode_override=PM(request_body_mode=PM.NONE),
+    )
+    actions = ex.handle(ProcessorReplied(override))
+    assert forwarded(actions) == [("headers", False, 3), ("body", b"abc", True)]
+    assert sent(actions) == []
+
+
+def test_streamed_early_trailers_alone_follow_the_head() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED, request_trailer_mode=PM.SEND)
+    ex.handle(HeadersReceived(REQ, head(None), False))
+    assert ex.handle(TrailersReceived(REQ, Headers([(b"x-t", b"1")]))) == []
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse()))
+    assert forwarded(actions) == [("headers", False, None)]
+    assert sent(actions) == [("request_trailers", None)]

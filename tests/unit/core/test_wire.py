@@ -109,7 +109,12 @@ def req(*extra: tuple[bytes, bytes]) -> Headers:
 @pytest.mark.parametrize(
     ("headers", "length", "has_body", "expected"),
     [
-        (req((b"x", b"1")), None, False, [(b"host", b"a.example"), (b"x", b"1")]),
+        (
+            req((b"x", b"1")),
+            None,
+            False,
+            [(b"host", b"a.example"), (b"x", b"1"), (b"content-length", b"0")],
+        ),
         (
             req((b"content-length", b"0")),
             0,
@@ -163,6 +168,13 @@ def test_request_to_wire_framing_follows_the_body(
     method, target, wire_headers = wire.request_to_wire(headers, length, has_body)
     assert (method, target) == (b"POST", b"/x")
     assert wire_headers == expected
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"TRACE", b"CONNECT"])
+def test_request_to_wire_adds_no_length_to_a_bodiless_method(method: bytes) -> None:
+    headers = req((b"x", b"1"))
+    headers.set(b":method", method)
+    assert wire.request_to_wire(headers, None, False)[2] == [(b"host", b"a.example"), (b"x", b"1")]
 
 
 def test_response_processor_view_keeps_connection_and_transfer_encoding() -> None:
