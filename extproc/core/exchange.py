@@ -56,7 +56,7 @@ from extproc.core.events import (
     TrailersReceived,
 )
 from extproc.core.mutations import apply_header_mutation
-from extproc.core.record import Ending, RequestRecord
+from extproc.core.record import Ending, RequestRecord, envoy_details
 from extproc.core.settings import ExchangeSettings
 from extproc.models import Header, Headers
 
@@ -583,10 +583,10 @@ class Exchange:
         reply's direction is in (processor_state.cc)."""
         kind = response.WhichOneof("response")
         if kind == "immediate_response":
-            return _envoy_details("unhandled immediate response due to config disabled it")
+            return envoy_details("unhandled immediate response due to config disabled it")
         handler = _DISPATCH.get(kind or "")
         if handler is None:
-            return _envoy_details("unhandled message")
+            return envoy_details("unhandled message")
         direction, phase = handler
         side = self._sides[direction]
         if phase == "body" and _awaits_streamed_body(side):
@@ -595,10 +595,10 @@ class Exchange:
                 "streamed_response"
             )
             if side.body_mode == modes.FULL_DUPLEX_STREAMED and not streamed:
-                return _envoy_details(SPURIOUS_NORMAL_BODY)
+                return envoy_details(SPURIOUS_NORMAL_BODY)
             if side.body_mode != modes.FULL_DUPLEX_STREAMED and streamed:
-                return _envoy_details(SPURIOUS_STREAMED_BODY)
-        return _envoy_details("spurious message")
+                return envoy_details(SPURIOUS_STREAMED_BODY)
+        return envoy_details("spurious message")
 
     def _expects(self, side: _Side, phase: str, response: ep.ProcessingResponse) -> bool:
         if phase == "headers":
@@ -883,7 +883,7 @@ class Exchange:
         else:
             headers.remove(b"content-length")
             headers.remove(b"content-type")
-        details = _envoy_details(immediate.details)
+        details = envoy_details(immediate.details)
         return self._finish(
             Ending.IMMEDIATE_RESPONSE, RespondLocally(status, headers, body, details)
         )
@@ -979,18 +979,9 @@ class Exchange:
         return not response.output_done and _sends_after_headers(response)
 
 
-def _envoy_details(text: str) -> str:
-    """Response code details as Envoy writes them: each whitespace character becomes ``_``
-    (StringUtil::replaceAllEmptySpace), so runs of spaces are kept, not joined."""
-    return text.translate(_SPACES_TO_UNDERSCORES)
-
-
-_SPACES_TO_UNDERSCORES = str.maketrans(dict.fromkeys(" \t\n\v\f\r", "_"))
-
-
 def _grpc_error_details(code: int, message: str) -> str:
     """As Envoy's access log has it: ext_proc_error_gRPC_error_13{boom{via_upstream}}."""
-    message = _envoy_details(message)
+    message = envoy_details(message)
     inner = f"{message}{{via_upstream}}" if message else "via_upstream"
     return f"ext_proc_error_gRPC_error_{code}{{{inner}}}"
 

@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from google.protobuf import struct_pb2
 
 
+def envoy_details(text: str) -> str:
+    """Response code details as Envoy writes them: each whitespace character becomes ``_``
+    (StringUtil::replaceAllEmptySpace), so a run of spaces stays a run."""
+    return text.translate(_SPACES_TO_UNDERSCORES)
+
+
+_SPACES_TO_UNDERSCORES = str.maketrans(dict.fromkeys(" \t\n\v\f\r", "_"))
+
+
 class Ending(enum.Enum):
     """What ended processing before every message was answered."""
 

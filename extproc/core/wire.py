@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from extproc.core.record import envoy_details
 from extproc.models import Header, Headers
 
 HOP_BY_HOP = frozenset(
@@ -289,13 +290,8 @@ def upstream_reset(reason: str, transport_failure: str = "") -> UpstreamFailure:
     status = 502 if reason == PROTOCOL_ERROR else 503
     body = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
     inner = f"{reason}|{transport_failure}" if transport_failure else reason
-    details = "upstream_reset_before_response_started{" + _no_spaces(inner) + "}"
+    details = "upstream_reset_before_response_started{" + envoy_details(inner) + "}"
     return UpstreamFailure(status, body.encode(), details)
-
-
-def _no_spaces(text: str) -> str:
-    # As Envoy writes response code details: each space becomes "_".
-    return text.replace(" ", "_")
 
 
 def request_line_is_valid(method: bytes, target: bytes) -> bool:

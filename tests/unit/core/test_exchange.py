@@ -8,6 +8,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.core.events import (
     Action,
+    BodyReceived,
     CloseStream,
     Direction,
     ForwardHeaders,
@@ -198,12 +199,65 @@ def test_empty_reply_is_unhandled() -> None:
     assert local(ex.handle(reply())).details == "unhandled_message"
 
 
+def _body_reply(streamed: bool) -> ProcessorReplied:
+    common = ep.CommonResponse()
+    if streamed:
+        common.body_mutation.streamed_response.body = b"x"
+    else:
+        common.body_mutation.body = b"x"
+    return reply(request_body=ep.BodyResponse(response=common))
+
+
+def test_body_reply_of_the_wrong_kind_has_envoys_text_while_streamed_replies_are_due() -> None:
+    """Envoy's texts, as its access log has them (parity: spurious-*-body-reply-in-*)."""
+    for body_mode, streamed, details in (
+        (
+            ProcessingMode.FULL_DUPLEX_STREAMED,
+            False,
+            "spurious_message:_Normal_body_mutation_response_is_received_while_body_mode__is"
+            "_FULL_DUPLEX_STREAMED",
+        ),
+        (
+            ProcessingMode.STREAMED,
+            True,
+            "spurious_message:_streamed_response_is_received_while_body_mode__is_not"
+            "_FULL_DUPLEX_STREAMED",
+        ),
+    ):
+        trailer_mode = ProcessingMode.SEND
+        ex = Exchange(
+            settings(
+                processing_mode=mode(request_body_mode=body_mode, request_trailer_mode=trailer_mode)
+            )
+        )
+        ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), False))
+        ex.handle(reply(request_headers=ep.HeadersResponse()))
+        ex.handle(BodyReceived(Direction.REQUEST, b"body", False))
+        assert local(ex.handle(_body_reply(streamed))).details == details
+        assert ex.record.fault == details
+
+
+def test_body_reply_while_the_headers_reply_is_due_is_plainly_spurious() -> None:
+    ex = Exchange(settings(processing_mode=mode(request_body_mode=ProcessingMode.STREAMED)))
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), False))
+    assert local(ex.handle(_body_reply(streamed=True))).details == "spurious_message"
+
+
+def test_immediate_response_details_keep_each_whitespace_character() -> None:
+    ex = Exchange(settings())
+    ex.handle(HeadersReceived(Direction.REQUEST, REQUEST, True))
+    out = local(ex.handle(immediate(details=" a  b\tc ")))
+    assert out.details == "_a__b_c_"  # as Envoy's access log writes it
+
+
 def test_spurious_reply_fails_open_with_failure_mode_allow() -> None:
     ex = Exchange(settings(failure_mode_allow=True))
     ex.handle(HeadersReceived(Direction.REQUEST, REQUEST.copy(), True))
     actions = ex.handle(reply(response_headers=ep.HeadersResponse()))
     assert actions == [CloseStream(), ForwardHeaders(Direction.REQUEST, REQUEST, True, None)]
     assert ex.record.failed_open
+    # The response will be the upstream's, and so its details: the fault is kept apart.
+    assert (ex.record.details, ex.record.fault) == ("", "spurious_message")
     assert ex.handle(HeadersReceived(Direction.RESPONSE, RESPONSE, True)) == [
         ForwardHeaders(Direction.RESPONSE, RESPONSE, True, None)
     ]

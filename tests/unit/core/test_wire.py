@@ -282,3 +282,23 @@ def test_refuse_request(
 ) -> None:
     refusal = wire.refuse_request(method, target, headers, version, 100, 60 * 1024)
     assert (refusal.status if refusal else None) == status
+
+
+def test_upstream_failures_read_as_envoys_router_writes_them() -> None:
+    """Status, body and details as Envoy 1.40 answers (parity: upstream-* scenarios)."""
+    refused = wire.upstream_reset(
+        wire.CONNECTION_FAILURE, "delayed connect error: Connection refused"
+    )
+    assert refused == wire.UpstreamFailure(
+        503,
+        b"upstream connect error or disconnect/reset before headers. reset reason:"
+        b" remote connection failure",
+        "upstream_reset_before_response_started"
+        "{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+    )
+    protocol = wire.upstream_reset(wire.PROTOCOL_ERROR)
+    assert (protocol.status, protocol.details) == (
+        502,
+        "upstream_reset_before_response_started{protocol_error}",
+    )
+    assert wire.upstream_reset(wire.CONNECTION_TERMINATION).status == 503
