@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import pprint
+import socket
 import sys
 import tempfile
 import time
@@ -719,6 +720,7 @@ SCENARIOS = [
         ext_proc=_ext(response_attributes=["response.code", "response.code_details"]),
         statuses=(503,),
     ),
+    Scenario("upstream-connect-timeout", upstream="unanswered", statuses=(503,)),
     Scenario("upstream-resets", upstream="resets", statuses=(503,)),
     Scenario("upstream-closes", upstream="closes", statuses=(503,)),
     Scenario("upstream-garbage", upstream="garbage", statuses=(502,)),
@@ -962,9 +964,11 @@ def processor_address(
         yield ("127.0.0.1", processor.port)
 
 
-# How an upstream fails on its first connection (rawpeer scripts); None: it refuses it.
+# How an upstream fails on its first connection (rawpeer scripts); None: it refuses it, or
+# (unanswered) never completes it.
 UPSTREAM_FAULTS: dict[str, rawpeer.Script | None] = {
     "refused": None,
+    "unanswered": None,
     "resets": rawpeer.reset,  # an RST once the request head arrived
     "closes": rawpeer.answer_then_close(b""),  # a FIN once the request head arrived
     "silent": rawpeer.answer_then_hold(b""),
@@ -981,6 +985,10 @@ def upstream_for(scenario: Scenario) -> Iterator[tuple[tuple[str, int], list[Rec
             yield upstream.address, upstream.requests
         return
     script = UPSTREAM_FAULTS[scenario.upstream]
+    if scenario.upstream == "unanswered":
+        with unanswered_port() as address:
+            yield address, []
+        return
     if script is None:
         with parity.refused_port() as address:
             yield address, []
@@ -988,6 +996,28 @@ def upstream_for(scenario: Scenario) -> Iterator[tuple[tuple[str, int], list[Rec
     with rawpeer.FaultyUpstream(script) as faulty:
         host, port = faulty.address
         yield (str(host), int(port)), []
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[tuple[str, int]]:
+    """A loopback port whose listen backlog is full: the kernel drops further SYNs, so a
+    connection to it times out (the proxies' connect timeout, 5 s on both sides)."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(BACKLOG_FILLERS):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(address)
+        yield str(address[0]), int(address[1])
+
+
+# Connections that fill a backlog of 0 (Linux takes one more than the backlog, and then some
+# until the accept queue is seen full).
+BACKLOG_FILLERS = 4
 
 
 def messages_seen(processor: ScriptedProcessor, kind: str) -> int:
