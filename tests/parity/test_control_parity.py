@@ -543,8 +543,10 @@ SCENARIOS = [
         statuses=(500,),
         counters={"spurious_msgs_received": 1},
     ),
-    # A plain body reply while FULL_DUPLEX_STREAMED body data awaits its streamed reply, and a
-    # streamed one while STREAMED chunks await theirs: each has Envoy's own text.
+    # A plain body reply while FULL_DUPLEX_STREAMED body data awaits its streamed reply has
+    # Envoy's own text. (So has a streamed one while STREAMED chunks await theirs, but whether
+    # Envoy has taken a body as chunks or whole by then races with the body's arrival: that
+    # text is pinned in tests/unit/core/test_exchange.py.)
     Scenario(
         "spurious-plain-body-reply-in-duplex",
         handler=on("request_body", matching_reply),
@@ -555,14 +557,6 @@ SCENARIOS = [
             }
         ),
         calls=(Call(method="POST", body=b"duplex body", hold_body=True),),
-        statuses=(500,),
-        counters={"spurious_msgs_received": 1},
-    ),
-    Scenario(
-        "spurious-streamed-body-reply-in-streamed",
-        handler=on("request_body", streamed_body_reply),
-        ext_proc=_ext(processing_mode={"request_body_mode": "STREAMED"}),
-        calls=(Call(method="POST", body=b"streamed body", hold_body=True),),
         statuses=(500,),
         counters={"spurious_msgs_received": 1},
     ),

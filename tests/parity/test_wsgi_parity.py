@@ -227,17 +227,6 @@ def end_with_the_last_byte(observation: Observation) -> None:
                 observation["counters"]["stream_msgs_sent"] -= 1
 
 
-def streamed_reply_to_a_whole_body(observation: Observation) -> None:
-    """A STREAMED request body the middleware reads whole, end included, before the headers
-    reply (see end_with_the_last_byte): the processor's streamed_response reply then answers
-    a whole body, not a streamed chunk, and Envoy's details for that are plainly
-    ``spurious_message`` (as Envoy 1.40 answered this scenario's handler when its body, sent
-    chunked, reached it whole before the headers reply)."""
-    end_with_the_last_byte(observation)
-    observation["details"] = ["spurious_message"]
-    observation["faults"] = ["processor_spurious_message"]
-
-
 def local_reply_before_the_first_piece(observation: Observation) -> None:
     """An immediate response to the first STREAMED response chunk: the proxy has sent the
     head already (so has Envoy) and can only reset; a WSGI server sends the head with the
@@ -357,10 +346,6 @@ SCENARIO_DIFFERENCES: dict[str, tuple[str, Difference]] = {
     "spurious-plain-body-reply-in-duplex": (
         end_with_the_last_byte.__doc__ or "",
         end_with_the_last_byte,
-    ),
-    "spurious-streamed-body-reply-in-streamed": (
-        streamed_reply_to_a_whole_body.__doc__ or "",
-        streamed_reply_to_a_whole_body,
     ),
 }
 
