@@ -165,7 +165,7 @@ class ConnectionHandler:
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 down.conn.close()
                 return False
-            h.start_next_cycle()
+            down.conn.start_next_cycle()
             if down.conn.buffered_event_ready():
                 continue
             if not (may_linger() and down.conn.receive_within(KEEPALIVE_LINGER)):
@@ -474,7 +474,7 @@ class _RequestRun:
                 self._await_upstream_head()
             elif isinstance(err, h11.ProtocolError) and not closed:
                 self.h.stats.upstream_cx_protocol_error.inc()
-                self.proxy_response = _ProxyResponse(503, wire.UPSTREAM_RESET + b"protocol error")
+                self.proxy_response = _ProxyResponse(502, wire.UPSTREAM_RESET + b"protocol error")
             else:
                 self.h.stats.upstream_cx_destroy_remote_with_active_rq.inc()
                 self.proxy_response = _ProxyResponse(
