@@ -9,7 +9,6 @@ a length that arrives after the head is seen after the head went out, without a 
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from extproc.core.wire import UPSTREAM_RESET
 from extproc.io.server import ProxyServer
 from tests.support.envoy import EnvoyProxy, require_envoy
 from tests.support.proxy import running_proxy
-from tests.support.rawpeer import read_request_head
+from tests.support.rawpeer import FaultyUpstream, read_request_head
 
 pytestmark = pytest.mark.parity
 
@@ -71,59 +70,32 @@ CASES = {
 }
 
 
-class CaseUpstream:
-    """Answers ``/case/NAME`` as :data:`CASES` says and anything else with :data:`OK_ANSWER`
-    (keep-alive). ``go`` lets the current case send the rest of its answer."""
+class CaseScript:
+    """Every upstream connection's script: ``/case/NAME`` is answered as :data:`CASES` says,
+    anything else with :data:`OK_ANSWER` (keep-alive). ``go`` lets the current case send the
+    rest of its answer."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.address: tuple[str, int] = self.sock.getsockname()
         self.go = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-        self._acceptor.start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(WAIT_S)
-        with conn, contextlib.suppress(OSError):
-            while head := read_request_head(conn):
-                target = head.split(b" ", 2)[1].decode()
-                case = CASES.get(target.removeprefix("/case/"))
-                if case is None:
-                    conn.sendall(OK_ANSWER)
-                    continue
-                go = self.go
-                conn.sendall(case.first)
-                go.wait(WAIT_S)
-                if case.rest:
-                    conn.sendall(case.rest)
-                return
-
-    def close(self) -> None:
-        self.go.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._acceptor.join(WAIT_S)
-        for thread in self._threads:
-            thread.join(WAIT_S)
+    def __call__(self, conn: socket.socket, release: threading.Event) -> None:
+        while head := read_request_head(conn):
+            target = head.split(b" ", 2)[1].decode()
+            case = CASES.get(target.removeprefix("/case/"))
+            if case is None:
+                conn.sendall(OK_ANSWER)
+                continue
+            go = self.go
+            conn.sendall(case.first)
+            go.wait(WAIT_S)
+            if case.rest:
+                conn.sendall(case.rest)
+            return
 
 
-def fetch(address: tuple[str, int], name: str, upstream: CaseUpstream) -> Seen:
+def fetch(address: tuple[str, int], name: str, script: CaseScript) -> Seen:
     """GET the case, then (when its response ended whole) one more request on the connection."""
-    upstream.go = go = threading.Event()
+    script.go = go = threading.Event()
     conn = h11.Connection(h11.CLIENT)
     status, body = 0, b""
     with socket.create_connection(address, timeout=WAIT_S) as sock:
@@ -155,17 +127,19 @@ def fetch(address: tuple[str, int], name: str, upstream: CaseUpstream) -> Seen:
 
 
 @pytest.fixture(scope="module")
-def case_upstream() -> Iterator[CaseUpstream]:
-    upstream = CaseUpstream()
-    try:
+def script() -> CaseScript:
+    return CaseScript()
+
+
+@pytest.fixture(scope="module")
+def case_upstream(script: CaseScript) -> Iterator[FaultyUpstream]:
+    with FaultyUpstream(then=script) as upstream:
         yield upstream
-    finally:
-        upstream.close()
 
 
 @pytest.fixture(scope="module")
 def envoy(
-    case_upstream: CaseUpstream, processor_target: str, tmp_path_factory: pytest.TempPathFactory
+    case_upstream: FaultyUpstream, processor_target: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EnvoyProxy]:
     require_envoy()
     host, port = processor_target.rsplit(":", 1)
@@ -179,15 +153,15 @@ def envoy(
 
 
 @pytest.fixture(scope="module")
-def extproc_proxy(case_upstream: CaseUpstream, processor_target: str) -> Iterator[ProxyServer]:
+def extproc_proxy(case_upstream: FaultyUpstream, processor_target: str) -> Iterator[ProxyServer]:
     with running_proxy(case_upstream.address, processor_target) as proxy:
         yield proxy
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_response_length_envoy_and_extproc(
-    name: str, envoy: EnvoyProxy, extproc_proxy: ProxyServer, case_upstream: CaseUpstream
+    name: str, envoy: EnvoyProxy, extproc_proxy: ProxyServer, script: CaseScript
 ) -> None:
-    through_envoy = fetch(envoy.address, name, case_upstream)
-    through_extproc = fetch(extproc_proxy.address, name, case_upstream)
+    through_envoy = fetch(envoy.address, name, script)
+    through_extproc = fetch(extproc_proxy.address, name, script)
     assert through_envoy == through_extproc == CASES[name].seen, envoy.log_tail()

@@ -27,49 +27,50 @@ def pair() -> Iterator[tuple[socket.socket, Http1Connection]]:
 
 
 def test_largest_lengths_are_taken(pair: tuple[socket.socket, Http1Connection]) -> None:
-    client, conn = pair
-    size = b"%x" % MAX_BODY_LENGTH
-    client.sendall(CHUNKED + size + b"\r\nhello")
-    assert isinstance(conn.next_event(WAIT_S), h11.Request)
+    conn = chunked_head(pair, b"%x\r\nhello" % MAX_BODY_LENGTH)
     assert conn.read_body(WAIT_S) == (b"hello", False, None)
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("with_head", "after_head"),
     [
-        CHUNKED + b"%x\r\nhello" % (MAX_BODY_LENGTH + 1),
+        (CHUNKED + b"%x\r\nhello" % (MAX_BODY_LENGTH + 1), b""),
         # The size line after a first chunk: what is left of it is checked, not what was read.
-        CHUNKED + b"5\r\nhello\r\n%x\r\nhello" % (MAX_BODY_LENGTH + 4),
-        b"POST /l HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\nhello" % (MAX_BODY_LENGTH + 1),
+        (CHUNKED + b"5\r\nhello\r\n%x\r\nhello" % (MAX_BODY_LENGTH + 4), b""),
+        (
+            b"POST /l HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\nhello"
+            % (MAX_BODY_LENGTH + 1),
+            b"",
+        ),
+        (CHUNKED, b"%x\r\nhello" % (MAX_BODY_LENGTH + 1)),
     ],
-    ids=["chunk-size", "second-chunk-size", "content-length"],
+    ids=["chunk-size", "second-chunk-size", "content-length", "chunk-size-after-the-head"],
 )
-def test_lengths_over_64_bits_are_refused_with_the_head(
-    pair: tuple[socket.socket, Http1Connection], data: bytes
+def test_lengths_over_64_bits_are_refused(
+    pair: tuple[socket.socket, Http1Connection], with_head: bytes, after_head: bytes
 ) -> None:
+    """With the head they came with (never handed out), or as soon as they come."""
     client, conn = pair
-    client.sendall(data)
+    client.sendall(with_head)
+    if after_head:
+        assert isinstance(conn.next_event(WAIT_S), h11.Request)
+        client.sendall(after_head)
     with pytest.raises(h11.RemoteProtocolError):
         conn.next_event(WAIT_S)
 
 
-def test_a_size_line_after_the_head_is_refused_when_read(
-    pair: tuple[socket.socket, Http1Connection],
-) -> None:
+def chunked_head(pair: tuple[socket.socket, Http1Connection], body: bytes) -> Http1Connection:
+    """The connection once it handed out the head of a chunked request sent with ``body``."""
     client, conn = pair
-    client.sendall(CHUNKED)
+    client.sendall(CHUNKED + body)
     assert isinstance(conn.next_event(WAIT_S), h11.Request)
-    client.sendall(b"%x\r\nhello" % (MAX_BODY_LENGTH + 1))
-    with pytest.raises(h11.RemoteProtocolError):
-        conn.read_body(WAIT_S)
+    return conn
 
 
 def test_chunks_parsed_with_the_head_come_out_in_order(
     pair: tuple[socket.socket, Http1Connection],
 ) -> None:
-    client, conn = pair
-    client.sendall(CHUNKED + b"5\r\nhello\r\n1\r\n!\r\n0\r\nx-t: 1\r\n\r\n")
-    assert isinstance(conn.next_event(WAIT_S), h11.Request)
+    conn = chunked_head(pair, b"5\r\nhello\r\n1\r\n!\r\n0\r\nx-t: 1\r\n\r\n")
     # Parsed already: the socket is not read again for them.
     assert conn.h11.their_state is h11.DONE
     assert conn.read_body(WAIT_S) == (b"hello!", False, None)
@@ -79,9 +80,7 @@ def test_chunks_parsed_with_the_head_come_out_in_order(
 def test_next_event_hands_out_the_parsed_events(
     pair: tuple[socket.socket, Http1Connection],
 ) -> None:
-    client, conn = pair
-    client.sendall(CHUNKED + b"2\r\nok\r\n0\r\n\r\n")
-    assert isinstance(conn.next_event(WAIT_S), h11.Request)
+    conn = chunked_head(pair, b"2\r\nok\r\n0\r\n\r\n")
     data = conn.next_event(WAIT_S)
     assert isinstance(data, h11.Data) and data.data == b"ok"
     assert isinstance(conn.poll_event(), h11.EndOfMessage)
@@ -90,13 +89,11 @@ def test_next_event_hands_out_the_parsed_events(
 def test_the_next_cycle_drops_what_the_last_message_left(
     pair: tuple[socket.socket, Http1Connection],
 ) -> None:
-    client, conn = pair
-    client.sendall(CHUNKED + b"2\r\nok\r\n0\r\n\r\n")
-    assert isinstance(conn.next_event(WAIT_S), h11.Request)
+    conn = chunked_head(pair, b"2\r\nok\r\n0\r\n\r\n")
     conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]), WAIT_S)
     conn.send(h11.EndOfMessage(), WAIT_S)
     conn.start_next_cycle()  # the body was never taken
-    client.sendall(b"POST /n HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nnew")
+    pair[0].sendall(b"POST /n HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nnew")
     request = conn.next_event(WAIT_S)
     assert isinstance(request, h11.Request) and request.target == b"/n"
     assert conn.read_body(WAIT_S) == (b"new", False, None)
