@@ -323,6 +323,20 @@ def _request(id: str, **fields: Any) -> Scenario:
     return Scenario(id, **fields)
 
 
+def _redirected(id: str, **fields: Any) -> Scenario:
+    """A request the processor redirects at its headers, then a GET on the connection."""
+    return Scenario(
+        id, handler=answering(request_headers=lambda m: REDIRECT), next_request=True, **fields
+    )
+
+
+def _rejected(id: str, kind: str, **fields: Any) -> Scenario:
+    """A request the processor answers 400 at its message ``kind``, then a GET on the
+    connection."""
+    bad = immediate(400, b"bad", details="bad")
+    return Scenario(id, handler=answering(**{kind: lambda m: bad}), next_request=True, **fields)
+
+
 def _response(id: str, reply: UpstreamReply | None = None, **fields: Any) -> Scenario:
     """A response-direction scenario: GET without a body, ReplyingUpstream answering."""
     return Scenario(id, reply=reply or UpstreamReply(), **{**GET, **fields})
@@ -453,12 +467,14 @@ SCENARIOS = [
         body=CL_BODY,
     ),
     # The body arrives with the headers (while their reply is pending) here, and after the
-    # headers reply in the chunked one: over the limit is 413 either way.
+    # headers reply in the chunked one: over the limit is 413 either way, and the connection
+    # is kept (the rest of the body is read).
     _request(
         "buffered-request-over-limit",
         ext_proc=_modes(request_body_mode="BUFFERED"),
         body=BIG,
         buffer_limit=SMALL_LIMIT,
+        next_request=True,
     ),
     _request(
         "buffered-request-chunked-over-limit",
@@ -466,6 +482,7 @@ SCENARIOS = [
         body=BIG_CHUNKS,
         settle=True,
         buffer_limit=SMALL_LIMIT,
+        next_request=True,
     ),
     # The 413 is a local reply that goes through the filter's response path: with a BUFFERED
     # response body the processor sees its body too.
@@ -732,80 +749,29 @@ SCENARIOS = [
     # Envoy keeps an HTTP/1.1 connection after a local reply if it had read the request's end
     # when the reply's head went out (it reads on while the reply is made); otherwise the
     # reply says "connection: close" and the connection goes. A 400 always closes it.
-    _request(
-        "local-reply-headers-get-keeps-connection",
-        handler=answering(request_headers=lambda m: REDIRECT),
-        next_request=True,
-        **GET,
-    ),
+    _redirected("local-reply-headers-get-keeps-connection", **GET),
     # The body is sent with the head, unread by the proxy when the reply comes.
-    _request(
-        "local-reply-headers-body-sent-keeps-connection",
-        handler=answering(request_headers=lambda m: REDIRECT),
-        body=CL_BODY,
-        next_request=True,
-    ),
-    _request(
-        "local-reply-headers-chunked-body-sent-keeps-connection",
-        handler=answering(request_headers=lambda m: REDIRECT),
-        body=CHUNKS,
-        trailers=TRAILERS,
-        next_request=True,
+    _redirected("local-reply-headers-body-sent-keeps-connection", body=CL_BODY),
+    _redirected(
+        "local-reply-headers-chunked-body-sent-keeps-connection", body=CHUNKS, trailers=TRAILERS
     ),
     # The body follows only once the reply is read: the connection goes.
-    _request(
-        "local-reply-headers-body-held-closes",
-        handler=answering(request_headers=lambda m: REDIRECT),
-        body=BIG,
-        hold_from=0,
-        next_request=True,
-    ),
-    _request(
-        "local-reply-headers-chunked-body-held-closes",
-        handler=answering(request_headers=lambda m: REDIRECT),
-        body=CHUNKS,
-        hold_from=1,
-        next_request=True,
-    ),
-    _request(
-        "local-reply-body-keeps-connection",
-        ext_proc=_modes(request_body_mode="BUFFERED"),
-        handler=answering(request_body=lambda m: REDIRECT),
-        body=CL_BODY,
-        next_request=True,
-    ),
-    _request(
+    _redirected("local-reply-headers-body-held-closes", body=BIG, hold_from=0),
+    _redirected("local-reply-headers-chunked-body-held-closes", body=CHUNKS, hold_from=1),
+    _rejected(
         "local-reply-400-to-body-closes",
+        "request_body",
         ext_proc=_modes(request_body_mode="BUFFERED"),
-        handler=answering(request_body=lambda m: immediate(400, b"bad body", details="bad")),
         body=CL_BODY,
-        next_request=True,
     ),
-    _request(
-        "local-reply-400-to-headers-get-closes",
-        handler=answering(request_headers=lambda m: immediate(400, b"bad", details="bad")),
-        next_request=True,
-        **GET,
-    ),
-    _request(
-        "local-reply-400-to-response-headers-closes",
-        handler=answering(response_headers=lambda m: immediate(400, b"bad", details="bad")),
-        body=CL_BODY,
-        next_request=True,
-    ),
+    _rejected("local-reply-400-to-headers-get-closes", "request_headers", **GET),
+    _rejected("local-reply-400-to-response-headers-closes", "response_headers", body=CL_BODY),
     # Over the (default) limit: the rest of the body is on its way while the 413 goes
     # through the processor's response phase.
     _request(
         "local-reply-over-limit-big-body-keeps-connection",
         ext_proc=_modes(request_body_mode="BUFFERED"),
         body=pattern(3 * DEFAULT_BUFFER_LIMIT),
-        next_request=True,
-    ),
-    _request(
-        "local-reply-over-limit-keeps-connection",
-        ext_proc=_modes(request_body_mode="BUFFERED"),
-        body=BIG_CHUNKS,
-        buffer_limit=SMALL_LIMIT,
         next_request=True,
     ),
     # Over the limit with the first three chunks; the rest only once the 413 is read.
@@ -828,6 +794,7 @@ SCENARIOS = [
             )
         ),
         body=CL_BODY,
+        next_request=True,
     ),
     _response(
         "immediate-on-response-body",
