@@ -758,6 +758,13 @@ SCENARIOS = [
     # The body follows only once the reply is read: the connection goes.
     _redirected("local-reply-headers-body-held-closes", body=BIG, hold_from=0),
     _redirected("local-reply-headers-chunked-body-held-closes", body=CHUNKS, hold_from=1),
+    # A client that asks for 100 Continue and then waits for the final answer all the same.
+    _redirected(
+        "local-reply-headers-expect-body-held-closes",
+        headers=(("expect", "100-continue"),),
+        body=CL_BODY,
+        hold_from=0,
+    ),
     _rejected(
         "local-reply-400-to-body-closes",
         "request_body",
