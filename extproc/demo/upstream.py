@@ -83,7 +83,7 @@ class EchoUpstream:
         conn = Http1Connection(sock, h11.SERVER, max_head_bytes=256 * 1024)
         try:
             while self._serve_one(conn, connection):
-                conn.h11.start_next_cycle()
+                conn.start_next_cycle()
         except (OSError, h11.ProtocolError):
             pass
         finally:

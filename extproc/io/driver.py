@@ -40,9 +40,16 @@ from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
 from extproc.models import Headers
 
-# The most request body read (and dropped, never held) in the hope of keeping a connection
-# the proxy answered without its body: past this, it is closed instead.
-_DROP_LIMIT = 1024 * 1024
+# A request answered before its end (a local reply, a 413, a failed upstream) keeps its
+# connection only if its end has been read when the reply's head goes out: Envoy's codec reads
+# the rest while the reply is made, and closes the connection when it has not seen the end. The
+# proxy reads the rest then, dropping it (never held), while it keeps coming: at most
+# _DRAIN_BYTES, for at most _DRAIN_TIME (or the client timeout if shorter), each read waiting
+# at most _DRAIN_GAP. A client that stops sending delays its reply by _DRAIN_GAP at most;
+# past a bound, the reply says "connection: close" and the connection goes after it.
+_DRAIN_BYTES = 4 * 1024 * 1024
+_DRAIN_TIME = 2.0
+_DRAIN_GAP = 0.25
 # How long a worker keeps an idle keep-alive connection, when workers are to spare, before
 # handing it back to the acceptor: a client's next request usually follows within a
 # round trip, and serving it on the same thread saves two thread hand-offs and four syscalls.
@@ -166,7 +173,7 @@ class ConnectionHandler:
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 down.conn.close()
                 return False
-            h.start_next_cycle()
+            down.conn.start_next_cycle()
             if down.conn.buffered_event_ready():
                 continue
             if not (may_linger() and down.conn.receive_within(KEEPALIVE_LINGER)):
@@ -399,18 +406,21 @@ class _RequestRun:
     def _upstream_failed(self, failure: wire.UpstreamFailure) -> None:
         self.respond_from_proxy(failure.status, failure.body, failure.details)
 
-    def _drop_sent_request_body(self) -> None:
-        """Read and drop, without waiting, what the client already sent of a request body the
-        proxy answers without (as Envoy's codec consumes what it has read before it answers):
-        a request that ended there keeps its connection."""
+    def _drain_request(self) -> bool:
+        """Read and drop the rest of a request the proxy answers without, within the bounds
+        (see _DRAIN_BYTES); whether the request ended, so that its connection can be kept."""
         conn = self.down.conn
+        deadline = time.monotonic() + min(_DRAIN_TIME, self.timeouts.client)
         dropped = 0
+        # A timeout, a reset or broken framing ends the drain: the connection goes.
         with contextlib.suppress(h11.RemoteProtocolError, OSError):
-            while conn.h11.their_state is not h11.DONE:
-                event = conn.poll_event()
-                if not isinstance(event, h11.Data) or dropped > _DROP_LIMIT:
+            while conn.h11.their_state is not h11.DONE and dropped <= _DRAIN_BYTES:
+                event = conn.next_event(_DRAIN_GAP, deadline)
+                if isinstance(event, h11.Data):
+                    dropped += len(event.data)
+                elif not isinstance(event, h11.EndOfMessage):
                     break
-                dropped += len(event.data)
+        return conn.h11.their_state is h11.DONE
 
     # Forwarding -------------------------------------------------------------------------
 
@@ -586,6 +596,9 @@ class _RequestRun:
             not allowed or not reply.body,
             allowed=allowed,
             body_follows=True,
+            # Envoy's connection manager takes a local 400 for a broken request on HTTP/1.1:
+            # it closes the connection after it, whoever made the reply.
+            close=reply.status == 400,
         )
         if allowed and reply.body:
             self.forward_body(ForwardBody(Direction.RESPONSE, reply.body, True))
@@ -597,6 +610,7 @@ class _RequestRun:
         end_of_stream: bool,
         allowed: bool | None = None,
         body_follows: bool = False,
+        close: bool = False,
     ) -> None:
         status = int(headers.get(b":status") or b"502")
         if allowed is None:
@@ -605,11 +619,14 @@ class _RequestRun:
         if end_of_stream and allowed:
             length = 0
         status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
-        if self.proxy_response is not None:
-            self._drop_sent_request_body()
-        if self.down.conn.h11.their_state is not h11.DONE:
-            # The request body was not read (local reply): the connection cannot be reused.
-            wire_headers.append((b"connection", b"close"))
+        # A reply before the request's end (only a local or proxy reply comes so early): the
+        # connection is kept only if the rest of the request can be read first.
+        if close or (self.down.conn.h11.their_state is not h11.DONE and not self._drain_request()):
+            # Where Envoy's connection manager puts it: after the reply's headers, before the
+            # content-length its codec adds to a reply that has none.
+            added_length = wire_headers[-1:] == [(b"content-length", b"0")]
+            at = len(wire_headers) - (added_length and b"content-length" not in headers)
+            wire_headers.insert(at, (b"connection", b"close"))
             self.close_after = True
         self.record.status = status
         response = h11.Response(status_code=status, reason=reason, headers=wire_headers)

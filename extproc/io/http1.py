@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import h11
+from h11._readers import ChunkedReader, ContentLengthReader
 
 READ_SIZE = 65536
 # A piece of a message body: its bytes, whether it ends the message, and the trailers that
@@ -26,18 +27,70 @@ READ_SIZE = 65536
 Piece = tuple[bytes, bool, list[tuple[bytes, bytes]] | None]
 # A kernel socket timeout of zero means "wait forever": the shortest real one is 1 µs.
 _MIN_TIMEOUT = 1e-6
+# Envoy's HTTP/1 codec (balsa) holds a body's length in a size_t: a Content-Length or a chunk
+# size beyond it is a codec error there. h11 takes up to 20 digits of either, as a Python int,
+# and would wait for that many bytes.
+MAX_BODY_LENGTH = 2**64 - 1
+
+
+class _BoundedChunkedReader(ChunkedReader):
+    """h11's chunked body reader, refusing a chunk size over :data:`MAX_BODY_LENGTH`."""
+
+    def __call__(self, buf: Any) -> h11.Data | h11.EndOfMessage | None:
+        event = super().__call__(buf)
+        # What is left of the chunk, plus what this call handed out of it, is at most its
+        # size, and is its size on the call that read its size line.
+        left = self._bytes_in_chunk
+        if type(event) is h11.Data:
+            left += len(event.data)
+        if left > MAX_BODY_LENGTH:
+            raise h11.RemoteProtocolError("chunk size over 64 bits")
+        return event
+
+
+class _H11Connection(h11.Connection):
+    """h11 with Envoy's bound on body lengths; notes each chunked body it starts to read.
+
+    h11 has no hook for either: its body readers are chosen in ``_get_io_object``, and the
+    chunk size lives in ``ChunkedReader._bytes_in_chunk``, both private. The unit tests
+    (tests/unit/test_http1.py) and the hostile corpus fail if an h11 release moves them.
+    """
+
+    def __init__(self, role: Any, max_incomplete_event_size: int) -> None:
+        super().__init__(role, max_incomplete_event_size=max_incomplete_event_size)
+        self.chunked_body_began = False
+
+    def _get_io_object(self, role: Any, event: Any, io_dict: Any) -> Any:
+        io = super()._get_io_object(role, event, io_dict)
+        if type(io) is ChunkedReader:
+            self.chunked_body_began = True
+            return _BoundedChunkedReader()
+        if type(io) is ContentLengthReader and io._length > MAX_BODY_LENGTH:
+            # Raised while h11 takes in the head: the head is refused, as Envoy's codec does.
+            raise h11.RemoteProtocolError("Content-Length over 64 bits")
+        return io
 
 
 class Http1Connection:
     """An h11 state machine bound to a blocking socket."""
 
-    __slots__ = ("sock", "h11", "_recv_timeout", "_send_timeout", "_end", "_held", "peer_closed")
+    __slots__ = (
+        "sock",
+        "h11",
+        "_recv_timeout",
+        "_send_timeout",
+        "_ahead",
+        "_end",
+        "_held",
+        "peer_closed",
+    )
 
     def __init__(self, sock: socket.socket, role: Any, *, max_head_bytes: int) -> None:
         self.sock = sock
-        self.h11 = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
+        self.h11 = _H11Connection(role, max_incomplete_event_size=max_head_bytes)
         self._recv_timeout: float | None = None
         self._send_timeout: float | None = None
+        self._ahead: list[Any] = []  # body events parsed with their head, handed out first
         self._end: Any = None  # an EndOfMessage read behind data, handed out next time
         self._held: list[bytes] = []  # written with the next send (see hold())
         # The peer closed or reset the connection: an error that follows is its doing.
@@ -76,11 +129,16 @@ class Http1Connection:
 
         Raises TimeoutError if no bytes come for ``timeout`` seconds, or once the monotonic
         ``deadline`` passes (a slow peer trickling bytes cannot stretch it), and
-        h11.RemoteProtocolError when the peer breaks HTTP/1.1.
+        h11.RemoteProtocolError when the peer breaks HTTP/1.1, in a head or in the chunked
+        body bytes that came with it (see :meth:`_parse_chunks_in_hand`).
         """
+        if self._ahead:
+            return self._ahead.pop(0)
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
+                if self.h11.chunked_body_began:
+                    self._parse_chunks_in_hand()
                 return event
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -110,6 +168,8 @@ class Http1Connection:
         h11.NEED_DATA when that is not enough: the caller waits for readability elsewhere (a
         request head that trickles in waits in the server's selector, not on a worker).
         """
+        if self._ahead:
+            return self._ahead.pop(0)
         event = self.h11.next_event()
         if event is h11.NEED_DATA:
             try:
@@ -120,7 +180,36 @@ class Http1Connection:
                 return event
             self._receive(data)
             event = self.h11.next_event()
+        if self.h11.chunked_body_began:
+            self._parse_chunks_in_hand()
         return event
+
+    def _parse_chunks_in_hand(self) -> None:
+        """Parse the chunked body bytes that came with its head, reading nothing more.
+
+        Envoy's codec parses all it has read before anything goes on, so a chunked body that
+        breaks framing within them is refused with its head (h11.RemoteProtocolError here)
+        before the head is passed on. The events are handed out next.
+        """
+        self.h11.chunked_body_began = False
+        try:
+            event = self.h11.next_event()
+            while type(event) is h11.Data:
+                self._ahead.append(event)
+                event = self.h11.next_event()
+        except h11.RemoteProtocolError as err:
+            # A 400 whatever h11 hints (a chunk line over the head limit is no 431: the head
+            # was whole).
+            raise h11.RemoteProtocolError(f"body: {err}") from err
+        if type(event) is h11.EndOfMessage:
+            self._ahead.append(event)
+
+    def start_next_cycle(self) -> None:
+        """The next request or response on this connection; nothing read for the last one
+        and not taken is handed out."""
+        self._ahead = []
+        self._end = None
+        self.h11.start_next_cycle()
 
     def read_body(self, timeout: float) -> Piece:
         """The next piece of a message body: all the data one read brought, whether the
@@ -146,7 +235,7 @@ class Http1Connection:
         parts: list[bytes] = []
         while isinstance(event, h11.Data):
             parts.append(event.data)
-            event = self.h11.next_event()
+            event = self._ahead.pop(0) if self._ahead else self.h11.next_event()
         if isinstance(event, h11.EndOfMessage):
             self._end = event
             return (_join(parts), False, None) if parts else self._take_end()
@@ -160,7 +249,7 @@ class Http1Connection:
 
     def buffered_event_ready(self) -> bool:
         """Whether bytes already received hold (part of) another message, e.g. pipelining."""
-        return bool(self.h11.trailing_data[0])
+        return bool(self._ahead or self.h11.trailing_data[0])
 
     def send(self, event: Any, timeout: float) -> None:
         pieces = self.h11.send_with_data_passthrough(event) or []

@@ -104,7 +104,7 @@ class UpstreamPool:
             return False
         if h.our_state is h11.DONE and h.their_state is h11.DONE:
             assert isinstance(conn, UpstreamConnection)
-            h.start_next_cycle()
+            conn.start_next_cycle()
             with self._lock:
                 if not self._closed and len(conn.host.idle) < self.settings.max_idle:
                     conn.host.idle.append(conn)

@@ -10,6 +10,7 @@ no worker fails, and a good request is served right after. The default run is sh
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections import Counter
@@ -54,11 +55,18 @@ INSERTS = [
 HEADERS = [
     b"Content-Length: 5\r\n",
     b"Content-Length: 99999999999999999999\r\n",
+    b"Content-Length: 18446744073709551616\r\n",
+    b"Content-Length: 000000000000000000000005\r\n",
     b"Transfer-Encoding: chunked\r\n",
     b"Transfer-Encoding: gzip, chunked\r\n",
     b"Host: other.example\r\n",
     b"X-Long: " + b"v" * 70000 + b"\r\n",
 ]
+# A chunk size or a Content-Length value: a line's start or a value's, up to ";" or CR.
+_SIZE = re.compile(rb"(?<=\r\n|: )[0-9a-fA-F]+(?=[;\r])")
+# Put before one: sizes over 64 bits (hex or decimal) that h11's 20 digits hold, near the
+# limit, or only longer.
+SIZE_PREFIXES = [b"f" * 16, b"1" + b"0" * 15, b"9" * 18, b"f" * 15, b"0" * 20]
 
 
 def _mutate(data: bytes, kind: int, a: int, b: int) -> bytes:
@@ -75,10 +83,16 @@ def _mutate(data: bytes, kind: int, a: int, b: int) -> bytes:
         return data[:i] + data[i + 1 + b % 16 :]
     if kind == 3:  # truncate
         return data[:i]
-    lines = data.split(b"\r\n")
-    j = a % len(lines)
     if kind == 4:  # duplicate a line
+        lines = data.split(b"\r\n")
+        j = a % len(lines)
         return b"\r\n".join(lines[: j + 1] + [lines[j]] + lines[j + 1 :])
+    if kind == 5:  # make a chunk size or a Content-Length longer, or too large
+        sizes = [m.start() for m in _SIZE.finditer(data)]
+        if not sizes:
+            return data
+        k = sizes[a % len(sizes)]
+        return data[:k] + SIZE_PREFIXES[b % len(SIZE_PREFIXES)] + data[k:]
     # add a framing or Host header, or a huge one, right after the request line
     first, sep, rest = data.partition(b"\r\n")
     return first + sep + HEADERS[b % len(HEADERS)] + rest
@@ -93,7 +107,7 @@ class Bytes(bytes):
 
 
 def _mutated() -> st.SearchStrategy[Bytes]:
-    mutation = st.tuples(st.integers(0, 5), st.integers(0, 1 << 16), st.integers(0, 1 << 16))
+    mutation = st.tuples(st.integers(0, 6), st.integers(0, 1 << 16), st.integers(0, 1 << 16))
 
     def apply(base: bytes, mutations: list[tuple[int, int, int]]) -> Bytes:
         for kind, a, b in mutations:

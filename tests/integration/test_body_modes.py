@@ -352,12 +352,19 @@ def test_immediate_response_on_the_buffered_response_body(upstream: EchoUpstream
 def test_immediate_response_after_the_response_started_resets_the_connection(
     upstream: EchoUpstream,
 ) -> None:
+    # A body over the buffer limit: a whole one that came with the head would be sent as one
+    # message with the head still held (as Envoy does), and the reply would replace it.
     handler = immediate_on("response_body", immediate(502, b"too late"))
     with (
         ScriptedProcessor(handler) as proc,
-        running_proxy(upstream.address, proc.address, response_body_mode="streamed") as proxy,
+        running_proxy(
+            upstream.address,
+            proc.address,
+            response_body_mode="streamed",
+            buffer_limit_bytes=1024,
+        ) as proxy,
     ):
-        data = raw_exchange(proxy.address, b"GET /?size=100 HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = raw_exchange(proxy.address, b"GET /?size=100000 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200")
     assert not data.endswith(b"0\r\n\r\n")  # the chunked body never ends: the client can tell
 

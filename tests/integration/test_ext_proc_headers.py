@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import h11
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.config import Timeouts
 from extproc.demo.upstream import EchoUpstream
+from extproc.io import driver
 from tests.support.processor import (
     ProcessorStream,
     ScriptedProcessor,
@@ -22,7 +27,7 @@ from tests.support.processor import (
     mutate_headers,
     mutating,
 )
-from tests.support.proxy import Client, request, running_proxy
+from tests.support.proxy import TIMEOUT, Client, Reply, request, running_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -190,15 +195,94 @@ def test_immediate_response_to_head_has_no_body(upstream: EchoUpstream) -> None:
     assert (reply.status, reply.body, reply.header("content-length")) == (403, b"", "6")
 
 
-def test_immediate_response_with_an_unread_body_closes_the_connection(
+def test_immediate_response_drains_the_body_sent_and_keeps_the_connection(
     upstream: EchoUpstream,
 ) -> None:
     with (
         ScriptedProcessor(immediate_on("request_headers", immediate(413))) as proc,
         running_proxy(upstream.address, proc.address) as proxy,
+        Client(proxy.address) as client,
     ):
-        reply = request(proxy.address, "POST", "/", body=b"x" * 1000)
-    assert reply.status == 413 and reply.header("connection") == "close"
+        first = client.request("POST", "/", body=b"x" * 1000)
+        second = client.request("POST", "/", body=b"y" * 1000)
+    assert (first.status, first.header("connection")) == (413, None)
+    assert (second.status, second.header("connection")) == (413, None)
+
+
+def _answered_early(address: tuple[str, int], head: bytes, send_rest: Any) -> tuple[Reply, bool]:
+    """Send ``head``, then call ``send_rest(sock, stop)`` on another thread while the reply is
+    read; the reply and whether the proxy ended the connection after it."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(head)
+        stop = threading.Event()
+        sender = threading.Thread(target=send_rest, args=(sock, stop), daemon=True)
+        sender.start()
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+        response, body = None, bytearray()
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+        try:
+            ended = not sock.recv(65536)
+        except ConnectionResetError:
+            ended = True
+        stop.set()
+        sender.join(TIMEOUT)
+    assert response is not None
+    headers = [(n.decode(), v.decode()) for n, v in response.headers]
+    return Reply(response.status_code, headers, bytes(body), []), ended
+
+
+def _quietly(send: Any) -> Any:
+    def sender(sock: socket.socket, stop: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            send(sock, stop)
+
+    return sender
+
+
+def test_the_drain_after_a_local_reply_is_bounded_in_bytes(upstream: EchoUpstream) -> None:
+    """Past _DRAIN_BYTES the rest of the request is not read: the reply closes the connection
+    (Envoy reads on for as long as the reply takes to make, however much comes)."""
+    size = 3 * driver._DRAIN_BYTES
+    head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % size
+    with (
+        ScriptedProcessor(immediate_on("request_headers", immediate(302))) as proc,
+        running_proxy(upstream.address, proc.address) as proxy,
+    ):
+        reply, ended = _answered_early(
+            proxy.address, head, _quietly(lambda sock, stop: sock.sendall(b"x" * size))
+        )
+    assert (reply.status, reply.header("connection"), ended) == (302, "close", True)
+
+
+def test_the_drain_after_a_local_reply_is_bounded_in_time(upstream: EchoUpstream) -> None:
+    """A client that trickles the rest holds the worker for _DRAIN_TIME at most, not for the
+    client timeout; one that sends nothing more delays its reply by _DRAIN_GAP at most."""
+
+    def trickle(sock: socket.socket, stop: threading.Event) -> None:
+        while not stop.wait(driver._DRAIN_GAP / 5):
+            sock.sendall(b"x")
+
+    head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n"
+    client_timeout = 120.0
+    with (
+        ScriptedProcessor(immediate_on("request_headers", immediate(302))) as proc,
+        running_proxy(
+            upstream.address, proc.address, timeouts=Timeouts(client=client_timeout)
+        ) as proxy,
+    ):
+        for send_rest in (_quietly(trickle), _quietly(lambda sock, stop: None)):
+            started = time.monotonic()
+            reply, ended = _answered_early(proxy.address, head, send_rest)
+            took = time.monotonic() - started
+            assert (reply.status, reply.header("connection"), ended) == (302, "close", True)
+            assert took < client_timeout / 4
 
 
 @pytest.mark.parametrize(

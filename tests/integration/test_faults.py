@@ -360,9 +360,28 @@ UPSTREAM_FAULTS: dict[str, tuple[Script, int, str]] = {
         502,
         "upstream_cx_protocol_error",
     ),
+    # The body bytes that came with the head are parsed with it, as Envoy's codec does.
     "invalid-chunk": (
         answer_then_serve(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
-        CUT_OFF,
+        502,
+        "upstream_cx_protocol_error",
+    ),
+    "chunk-size-over-64-bits": (
+        answer_then_hold(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10000000000000000\r\nok"
+        ),
+        502,
+        "upstream_cx_protocol_error",
+    ),
+    "content-length-over-64-bits": (
+        answer_then_hold(b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551616\r\n\r\nok"),
+        502,
+        "upstream_cx_protocol_error",
+    ),
+    # Envoy takes any number of leading zeros; h11 no more than 20 digits.
+    "content-length-over-20-digits": (
+        answer_then_hold(b"HTTP/1.1 200 OK\r\ncontent-length: 0000000000000000000002\r\n\r\nok"),
+        502,
         "upstream_cx_protocol_error",
     ),
     # h11 takes a control character in a trailer value; no proxy should pass it on.

@@ -40,6 +40,7 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.core.settings import DEFAULT_BUFFER_LIMIT
 from extproc.demo.upstream import EchoUpstream, ReceivedRequest, pattern
 from tests.support import parity
 from tests.support.envoy import EnvoyProxy, require_envoy
@@ -323,6 +324,12 @@ class Scenario:
     # of the read that crossed it", so its length depends on reads too (see partial_view).
     partial_limit: int | None = None
     streams: int = 1
+    # After a complete reply, a small GET on the same connection: the observation then says
+    # whether the proxy kept the connection (and answered it) or ended it.
+    next_request: bool = False
+    # Chunks from this index on (0 for a content-length body) are sent only once the reply
+    # is read: the proxy answers before the request's end.
+    hold_from: int | None = None
 
 
 def _ext(**fields: Any) -> dict[str, Any]:
@@ -338,10 +345,25 @@ CHUNKS = (b"first chunk, ", b"second chunk, ", b"third chunk")
 CL_BODY = b"a body with a content-length"
 NEW_BODY = b"a new, longer body set by the processor"
 GET = {"method": "GET"}
+REDIRECT = immediate(302, headers=[("location", "/elsewhere")], details="moved")
 
 
 def _request(id: str, **fields: Any) -> Scenario:
     return Scenario(id, **fields)
+
+
+def _redirected(id: str, **fields: Any) -> Scenario:
+    """A request the processor redirects at its headers, then a GET on the connection."""
+    return Scenario(
+        id, handler=answering(request_headers=lambda m: REDIRECT), next_request=True, **fields
+    )
+
+
+def _rejected(id: str, kind: str, **fields: Any) -> Scenario:
+    """A request the processor answers 400 at its message ``kind``, then a GET on the
+    connection."""
+    bad = immediate(400, b"bad", details="bad")
+    return Scenario(id, handler=answering(**{kind: lambda m: bad}), next_request=True, **fields)
 
 
 def _response(id: str, reply: UpstreamReply | None = None, **fields: Any) -> Scenario:
@@ -532,12 +554,14 @@ SCENARIOS = [
         body=CHUNKS,
     ),
     # The body arrives with the headers (while their reply is pending) here, and after the
-    # headers reply in the chunked one: over the limit is 413 either way.
+    # headers reply in the chunked one: over the limit is 413 either way, and the connection
+    # is kept (the rest of the body is read).
     _request(
         "buffered-request-over-limit",
         ext_proc=_modes(request_body_mode="BUFFERED"),
         body=BIG,
         buffer_limit=SMALL_LIMIT,
+        next_request=True,
     ),
     _request(
         "buffered-request-chunked-over-limit",
@@ -545,6 +569,7 @@ SCENARIOS = [
         body=BIG_CHUNKS,
         settle=True,
         buffer_limit=SMALL_LIMIT,
+        next_request=True,
     ),
     # The 413 is a local reply that goes through the filter's response path: with a BUFFERED
     # response body the processor sees its body too.
@@ -834,6 +859,52 @@ SCENARIOS = [
             )
         ),
     ),
+    # -- The connection after a local reply ----------------------------------------------
+    # Envoy keeps an HTTP/1.1 connection after a local reply if it had read the request's end
+    # when the reply's head went out (it reads on while the reply is made); otherwise the
+    # reply says "connection: close" and the connection goes. A 400 always closes it.
+    _redirected("local-reply-headers-get-keeps-connection", **GET),
+    # The body is sent with the head, unread by the proxy when the reply comes.
+    _redirected("local-reply-headers-body-sent-keeps-connection", body=CL_BODY),
+    _redirected(
+        "local-reply-headers-chunked-body-sent-keeps-connection", body=CHUNKS, trailers=TRAILERS
+    ),
+    # The body follows only once the reply is read: the connection goes.
+    _redirected("local-reply-headers-body-held-closes", body=BIG, hold_from=0),
+    _redirected("local-reply-headers-chunked-body-held-closes", body=CHUNKS, hold_from=1),
+    # A client that asks for 100 Continue and then waits for the final answer all the same.
+    _redirected(
+        "local-reply-headers-expect-body-held-closes",
+        headers=(("expect", "100-continue"),),
+        body=CL_BODY,
+        hold_from=0,
+    ),
+    _rejected(
+        "local-reply-400-to-body-closes",
+        "request_body",
+        ext_proc=_modes(request_body_mode="BUFFERED"),
+        body=CL_BODY,
+    ),
+    _rejected("local-reply-400-to-headers-get-closes", "request_headers", **GET),
+    _rejected("local-reply-400-to-response-headers-closes", "response_headers", body=CL_BODY),
+    # Over the (default) limit: the rest of the body is on its way while the 413 goes
+    # through the processor's response phase.
+    _request(
+        "local-reply-over-limit-big-body-keeps-connection",
+        ext_proc=_modes(request_body_mode="BUFFERED"),
+        body=pattern(3 * DEFAULT_BUFFER_LIMIT),
+        next_request=True,
+    ),
+    # Over the limit with the first three chunks; the rest only once the 413 is read.
+    _request(
+        "local-reply-over-limit-body-held-closes",
+        ext_proc=_modes(request_body_mode="BUFFERED"),
+        body=BIG_CHUNKS,
+        settle=True,
+        hold_from=3,
+        buffer_limit=SMALL_LIMIT,
+        next_request=True,
+    ),
     # -- ImmediateResponse in the body phase ----------------------------------------------
     _request(
         "immediate-on-request-body",
@@ -844,6 +915,7 @@ SCENARIOS = [
             )
         ),
         body=CL_BODY,
+        next_request=True,
     ),
     _response(
         "immediate-on-response-body",
@@ -1140,6 +1212,8 @@ class ClientResult:
     trailers: list[tuple[str, str]] = field(default_factory=list)
     complete: bool = False
     error: str | None = None
+    # Scenario.next_request: what became of the GET sent after the reply.
+    next_request: str | None = None
 
 
 def exchange(address: tuple[str, int], scenario: Scenario, pacer: Pacer) -> ClientResult:
@@ -1149,18 +1223,53 @@ def exchange(address: tuple[str, int], scenario: Scenario, pacer: Pacer) -> Clie
     with socket.create_connection(address, timeout=CLIENT_TIMEOUT_S) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = h11.Connection(h11.CLIENT)
+        held: list[bytes] = []
         with contextlib.suppress(OSError):
-            _send_request(sock, conn, scenario, pacer)
+            held = _send_request(sock, conn, scenario, pacer)
         try:
             _read_reply(sock, conn, result)
         except (OSError, h11.ProtocolError) as error:
             result.error = type(error).__name__
+        if scenario.hold_from is not None:
+            # The rest of the request, whatever the proxy made of the connection.
+            with contextlib.suppress(OSError, h11.ProtocolError):
+                _send_rest(sock, conn, scenario, held)
+        if scenario.next_request and result.complete:
+            result.next_request = _next_request(sock, conn)
     return result
+
+
+def _next_request(sock: socket.socket, conn: h11.Connection) -> str:
+    """Send a GET on the connection the reply came on and say what became of it: answered
+    (with its status), or the connection ended (a close or a reset: which one depends on
+    whether the proxy had closed before the GET reached it)."""
+    # A fresh state machine: the first one may have been told "connection: close", and this
+    # is to see what the proxy does, not what it announced.
+    follow = h11.Connection(h11.CLIENT)
+    data, closed = conn.trailing_data
+    if data:
+        follow.receive_data(bytes(data))
+    if closed:
+        follow.receive_data(b"")  # h11 reads empty data as the end of the connection
+    request = h11.Request(method="GET", target="/next", headers=[("host", "example.com")])
+    reply = ClientResult()
+    try:
+        sock.sendall((follow.send(request) or b"") + (follow.send(h11.EndOfMessage()) or b""))
+        _read_reply(sock, follow, reply)
+    except TimeoutError:
+        return "no answer within the client timeout"
+    except (OSError, h11.ProtocolError):
+        return "connection ended"
+    if reply.response is None or not reply.complete:
+        return "connection ended"
+    return f"answered {reply.response.status_code}"
 
 
 def _send_request(
     sock: socket.socket, conn: h11.Connection, scenario: Scenario, pacer: Pacer
-) -> None:
+) -> list[bytes]:
+    """Send the request, or its head and the chunks before Scenario.hold_from; the chunks
+    held back."""
     headers = [("host", "example.com"), *scenario.headers]
     body = scenario.body
     if isinstance(body, tuple):
@@ -1175,14 +1284,25 @@ def _send_request(
         conn.send(h11.Request(method=scenario.method, target=scenario.target, headers=headers))
         or b""
     )
+    held = chunks[scenario.hold_from :] if scenario.hold_from is not None else []
     send_body(
-        chunks,
+        chunks[: len(chunks) - len(held)],
         lambda chunk: sock.sendall(conn.send(h11.Data(data=chunk)) or b""),
         pacer,
         "request",
         scenario.pace,
         scenario.settle,
     )
+    if scenario.hold_from is None:
+        sock.sendall(conn.send(h11.EndOfMessage(headers=list(scenario.trailers))) or b"")
+    return held
+
+
+def _send_rest(
+    sock: socket.socket, conn: h11.Connection, scenario: Scenario, held: list[bytes]
+) -> None:
+    for chunk in held:
+        sock.sendall(conn.send(h11.Data(data=chunk)) or b"")
     sock.sendall(conn.send(h11.EndOfMessage(headers=list(scenario.trailers))) or b"")
 
 
@@ -1387,11 +1507,13 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> Observati
     processor_view = parity.processor_view(streams, echo)
     if scenario.coalesce:
         processor_view = [coalesce(messages) for messages in processor_view]
-    compared = {
+    compared: dict[str, Any] = {
         "client": client_view(result),
         "upstream": parity.upstream_view(received),
         "processor": processor_view,
     }
+    if scenario.next_request:
+        compared["next_request"] = result.next_request
     if scenario.partial_limit is not None:
         partial_view(compared, scenario)
     notes.update(

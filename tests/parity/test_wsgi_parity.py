@@ -143,6 +143,24 @@ def wsgiref_speaks_http_1_0(observation: Observation) -> None:
             client["http_version"] = b"1.0"
 
 
+def one_request_a_connection(observation: Observation) -> None:
+    """The connection is the WSGI server's, and wsgiref's (HTTP/1.0) ends after each response
+    without a "connection: close": a request sent after the reply on the same connection
+    (bodies' next_request) reaches neither the processor nor the app."""
+    for client in _clients(observation):
+        if "headers" in client:
+            client["headers"] = [h for h in client["headers"] if h != ("connection", "close")]
+    if observation.get("next_request") is None:
+        return
+    observation["next_request"] = "connection ended"
+    observation["processor"] = [
+        stream
+        for stream in observation["processor"]
+        if not any((":path", "/next") in m.get("headers", []) for m in stream[:1])
+    ]
+    observation["upstream"] = [r for r in observation["upstream"] if r["target"] != "/next"]
+
+
 def no_trailers(observation: Observation) -> None:
     """WSGI carries no trailers, either way (PEP 3333 has neither request nor response
     trailers): the server drops the client's, the app cannot send the upstream's. So no
@@ -203,6 +221,7 @@ def _clients(observation: Observation) -> list[dict[str, Any]]:
 WSGI_DIFFERENCES: tuple[Difference, ...] = (
     fold_request_headers,
     wsgiref_speaks_http_1_0,
+    one_request_a_connection,
     no_trailers,
     no_response_framing,
     no_upstream_address,

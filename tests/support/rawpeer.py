@@ -67,15 +67,16 @@ def read_request_head(conn: socket.socket) -> bytes:
 
 class FaultyUpstream:
     """A raw upstream whose first connections each run a fault script; every later connection
-    answers each request with ``GOOD_ANSWER`` (keep-alive), so the next request can be seen to
-    work. ``release`` ends any script still waiting."""
+    runs ``then``, by default answering each request with ``GOOD_ANSWER`` (keep-alive), so the
+    next request can be seen to work. ``release`` ends any script still waiting."""
 
-    def __init__(self, *scripts: Script) -> None:
+    def __init__(self, *scripts: Script, then: Script | None = None) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.address = self.sock.getsockname()
         self.scripts = list(scripts)
+        self.then = then or _answer_good
         self.release = threading.Event()
         self.connections = 0
         self._threads: list[threading.Thread] = []
@@ -90,7 +91,7 @@ class FaultyUpstream:
             except OSError:
                 return
             self.connections += 1
-            script = self.scripts.pop(0) if self.scripts else _answer_good
+            script = self.scripts.pop(0) if self.scripts else self.then
             thread = threading.Thread(
                 target=_run_script, args=(script, conn, self.release), daemon=True
             )
