@@ -613,9 +613,11 @@ class Exchange:
             return False  # the headers reply comes first, in every mode
         if side.body_mode == modes.FULL_DUPLEX_STREAMED:
             return bool(streamed)
-        return not streamed and (
-            side.awaiting in (Awaiting.BODY, Awaiting.PARTIAL) or bool(side.chunks)
-        )
+        if side.awaiting in (Awaiting.BODY, Awaiting.PARTIAL):
+            # Envoy's buffered callbacks do not look for streamed_response: such a mutation
+            # carries no body, so it leaves the body as it is (and fails a content-length).
+            return True
+        return not streamed and bool(side.chunks)
 
     def _dispatch(self, side: _Side, phase: str, response: ep.ProcessingResponse) -> list[Action]:
         if phase == "trailers":

@@ -566,13 +566,6 @@ SCENARIOS = [
         ext_proc=_ext(processing_mode={"request_body_mode": "BUFFERED"}),
         calls=(Call(method="POST", body=b"buffered body", hold_body=True),),
         statuses=(500,),
-        xfail=(
-            "extproc takes a streamed_response body reply to a BUFFERED body as spurious"
-            " (spurious_message); Envoy 1.40 takes it as a reply that leaves the body as it is"
-            " (handleBufferedBodyCallback does not look for streamed_response), so its"
-            " content-length check, against the 0 bytes the mutation carries, answers 500"
-            " mismatch_between_content_length_and_the_length_of_the_mutated_body"
-        ),
     ),
     Scenario(
         "spurious-body-reply-while-headers-awaited",
