@@ -706,9 +706,12 @@ class Exchange:
         side.chunks.clear()
         side.outstanding = 0
         if not common.HasField("body_mutation"):
+            if side.early:
+                return self._early_reply(side, headers)  # what came early goes on as it is
             return [*self._release(side, headers), *self._close_if_done()]
         headers.remove(b"content-length")
         side.discard = True
+        side.early = False
         side.buffer.clear()
         side.strip_length = True
         body = _mutated(common.body_mutation, b"")

@@ -102,7 +102,16 @@ class HttpSide(Protocol):
 class RequestLoop:
     """Runs one request's exchange between its HTTP side and its processor session."""
 
-    __slots__ = ("exchange", "session", "record", "local", "_http", "_stats", "_reply_first")
+    __slots__ = (
+        "exchange",
+        "session",
+        "record",
+        "local",
+        "_http",
+        "_stats",
+        "_reply_first",
+        "_listened",
+    )
 
     def __init__(
         self,
@@ -122,6 +131,7 @@ class RequestLoop:
         # Await a timed reply before reading more input: for input that may be slow to come
         # (WSGI reads cannot be bounded) and must not hold up what was already read.
         self._reply_first = reply_first
+        self._listened = False  # see _listen
 
     def begin(self, direction: Direction, headers: Headers, end_of_stream: bool) -> None:
         """The direction's head arrived."""
@@ -137,8 +147,6 @@ class RequestLoop:
         ex = self.exchange
         # Input is read to its end even once the output is done: a replaced body is drained.
         if self.local is not None or (ex.output_done(direction) and not ex.wants_input(direction)):
-            if direction is Direction.REQUEST:
-                self._listen()
             return False
         if direction is Direction.REQUEST and self._http.responding_from_proxy:
             return False  # the upstream is gone: nothing more to send it
@@ -215,9 +223,10 @@ class RequestLoop:
             self._feed_piece(direction, piece)
 
     def _listen(self) -> None:
-        """The request is out and the upstream's answer is awaited: no reply is owed, but the
-        stream stays open for the response phase, and a message that comes meanwhile must be
-        seen before that phase begins (see begin)."""
+        """The request's end went on and the upstream's answer is awaited: when no reply is
+        owed but the stream stays open for the response phase, a message that comes
+        meanwhile must be seen before that phase begins (see begin)."""
+        self._listened = True
         ex = self.exchange
         if ex.stream_open and not (ex.complete or ex.awaiting_reply or ex.observing):
             self.session.listen()
@@ -260,8 +269,15 @@ class RequestLoop:
                 self.local = action
             elif isinstance(action, RespondFromProxy):
                 http.respond_from_proxy(action.status, action.body, action.details)
+        self._watch_replies()
+
+    def _watch_replies(self) -> None:
+        """Have replies that may come while the worker is busy elsewhere noticed: pumped while
+        a body is read (STREAMED, duplex), listened for while the upstream answers."""
         if self.exchange.streams_replies:
-            session.start_pump()
+            self.session.start_pump()
+        elif not self._listened and self.exchange.output_done(Direction.REQUEST):
+            self._listen()
 
     def _forward_headers(self, action: ForwardHeaders) -> None:
         if action.direction is Direction.RESPONSE:

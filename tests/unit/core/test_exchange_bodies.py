@@ -422,3 +422,14 @@ def test_streamed_early_trailers_alone_follow_the_head() -> None:
     actions = ex.handle(reply(request_headers=ep.HeadersResponse()))
     assert forwarded(actions) == [("headers", False, None)]
     assert sent(actions) == [("request_trailers", None)]
+
+
+def test_streamed_early_body_goes_on_after_continue_and_replace_without_a_body() -> None:
+    ex = exchange(request_body_mode=PM.STREAMED)
+    ex.handle(HeadersReceived(REQ, head(1), False))
+    ex.handle(BodyReceived(REQ, b"x", False))
+    ex.handle(BodyReceived(REQ, b"", True))
+    replace = ep.CommonResponse(status=ep.CommonResponse.CONTINUE_AND_REPLACE)
+    actions = ex.handle(reply(request_headers=ep.HeadersResponse(response=replace)))
+    assert forwarded(actions) == [("headers", False, None), ("body", b"x", True)]
+    assert sent(actions) == []
