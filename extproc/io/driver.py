@@ -240,6 +240,12 @@ class ConnectionHandler:
         return not run.close_after
 
 
+def _request_read(conn: Http1Connection) -> bool:
+    """Whether the request's end has been read (MUST_CLOSE: it ended, and asked for the
+    connection to close after the response)."""
+    return conn.h11.their_state in (h11.DONE, h11.MUST_CLOSE)
+
+
 def _raw_error(conn: Http1Connection, status: int, message: str) -> None:
     """An error reply written past h11, which will not send a response to a broken request."""
     body = message.encode()
@@ -414,13 +420,13 @@ class _RequestRun:
         dropped = 0
         # A timeout, a reset or broken framing ends the drain: the connection goes.
         with contextlib.suppress(h11.RemoteProtocolError, OSError):
-            while conn.h11.their_state is not h11.DONE and dropped <= _DRAIN_BYTES:
+            while not _request_read(conn) and dropped <= _DRAIN_BYTES:
                 event = conn.next_event(_DRAIN_GAP, deadline)
                 if isinstance(event, h11.Data):
                     dropped += len(event.data)
                 elif not isinstance(event, h11.EndOfMessage):
                     break
-        return conn.h11.their_state is h11.DONE
+        return _request_read(conn)
 
     # Forwarding -------------------------------------------------------------------------
 
@@ -621,7 +627,7 @@ class _RequestRun:
         status, reason, wire_headers = wire.response_to_wire(headers, length, allowed)
         # A reply before the request's end (only a local or proxy reply comes so early): the
         # connection is kept only if the rest of the request can be read first.
-        if close or (self.down.conn.h11.their_state is not h11.DONE and not self._drain_request()):
+        if close or (not _request_read(self.down.conn) and not self._drain_request()):
             # Where Envoy's connection manager puts it: after the reply's headers, before the
             # content-length its codec adds to a reply that has none.
             added_length = wire_headers[-1:] == [(b"content-length", b"0")]

@@ -402,7 +402,7 @@ SCENARIOS = [
     ),
     _response(
         "nothing-sent-response-chunked-trailers",
-        PACED_TRAILER_REPLY,
+        TRAILER_REPLY,  # unpaced: no body message ever reaches the processor to pace by
         ext_proc=_modes(**_NOTHING_SENT),
         streams=0,
     ),
@@ -939,7 +939,9 @@ SCENARIOS = [
     # is exactly what this shows.
     _response(
         "immediate-on-first-streamed-response-chunk",
-        PACED_REPLY,
+        # Paced once: after the reply to the first chunk no second body message comes to
+        # pace the last chunk by.
+        UpstreamReply(pace=(1,)),
         ext_proc=_modes(response_body_mode="STREAMED"),
         handler=immediate_on_response_chunk(1),
     ),
