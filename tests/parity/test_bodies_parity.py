@@ -63,6 +63,8 @@ CLIENT_TIMEOUT_S = float(os.environ.get("BODIES_PARITY_CLIENT_TIMEOUT", "20"))
 UPSTREAM_TIMEOUT_S = 30.0
 # Pacing is best effort: past this, the next chunk goes anyway (only the split changes).
 PACE_WAIT_S = 5.0
+# Pacer.wait_ended's bound: Envoy ends the stream within milliseconds of the reply.
+ENDED_WAIT_S = 1.0
 # "Settled": the body is held back until the processor has seen the headers and then this
 # long, so that the proxy has applied the headers reply before any body arrives. Body data
 # that arrives while the headers reply is pending is queued whole, whatever the limit (Envoy
@@ -290,6 +292,9 @@ class UpstreamReply:
     # As Scenario.pace and Scenario.settle, for the response body.
     pace: tuple[int, ...] = ()
     settle: bool = False
+    # Chunk indexes sent only once the processor's stream has ended (the proxy's doing after
+    # an immediate response): otherwise the proxy may read them before it takes that reply.
+    after_end: tuple[int, ...] = ()
     # Answer only once the processor has seen the request headers, and twice SETTLE_S more:
     # what it sends SETTLE_S after its reply (see unsolicited_after_request_headers) has then
     # reached the proxy, which by then has sent the request on.
@@ -928,10 +933,11 @@ SCENARIOS = [
         ),
     ),
     # The first chunk is answered (so the headers are downstream), the second one gets the
-    # ImmediateResponse: Envoy can only reset.
+    # ImmediateResponse: Envoy can only reset. The last chunk waits for the stream's end, or
+    # a proxy that reads it before taking the reply would send it on too.
     _response(
         "immediate-on-second-streamed-response-chunk",
-        PACED_REPLY,
+        UpstreamReply(pace=(1,), after_end=(2,)),
         ext_proc=_modes(response_body_mode="STREAMED"),
         handler=immediate_on_response_chunk(2),
     ),
@@ -1043,6 +1049,17 @@ class Pacer:
         self.wait(kind, 1)
         time.sleep(SETTLE_S)
 
+    def wait_ended(self) -> None:
+        """Wait until the processor's first stream has ended, at most ENDED_WAIT_S: extproc,
+        blocked reading the body, acts on a reply only once the next piece comes (README:
+        where extproc differs), so for it the wait runs out."""
+        deadline = time.monotonic() + ENDED_WAIT_S
+        while not self.processor.streams or self.processor.streams[0].end_reason is None:
+            if time.monotonic() > deadline:
+                self.missed += 1
+                return
+            time.sleep(0.01)
+
     def wait(self, kind: str, count: int) -> None:
         deadline = time.monotonic() + PACE_WAIT_S
         while self.seen(kind) < count:
@@ -1149,14 +1166,19 @@ class ReplyingUpstream:
         else:
             headers.append(("content-length", str(sum(map(len, reply.chunks)))))
         sock.sendall(conn.send(h11.Response(status_code=reply.status, headers=headers)) or b"")
+        split = min(reply.after_end, default=len(reply.chunks))
         send_body(
-            reply.chunks,
+            reply.chunks[:split],
             lambda chunk: sock.sendall(conn.send(h11.Data(data=chunk)) or b""),
             self.pacer,
             "response",
             reply.pace,
             reply.settle,
         )
+        if split < len(reply.chunks):
+            self.pacer.wait_ended()
+            for chunk in reply.chunks[split:]:
+                sock.sendall(conn.send(h11.Data(data=chunk)) or b"")
         end = h11.EndOfMessage(headers=list(reply.trailers) if reply.chunked else [])
         sock.sendall(conn.send(end) or b"")
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
