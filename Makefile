@@ -39,7 +39,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 # The whole suite with the default (direct) processor client and, alongside it, the
-# integration and parity suites again with the stub client (README: Processor client). The
+# integration and parity suites again with the stub client (docs/processor-client.md). The
 # second run's output is shown when both are done; either failing fails the target.
 STUB_LOG := .pytest-stub-client.log
 test: venv envoy lint typecheck

@@ -68,7 +68,8 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class ExtProcCounters:
-    """Envoy's ext_proc counters (spec §10.1), one field per counter, named as in Envoy."""
+    """Envoy's ext_proc counters (docs/protocol.md, Stats and the admin listener), one field per
+    counter, named as in Envoy."""
 
     streams_started: Counter = field(metadata=_help("Processor streams opened"))
     stream_msgs_sent: Counter = field(metadata=_help("Messages sent to the processor"))
@@ -534,7 +535,7 @@ def record_exchange(stats: Stats, record: RequestRecord) -> None:
 
 
 def _record_ext_proc(c: ExtProcCounters, record: RequestRecord) -> None:
-    """Envoy's accounting (spec §3.5, §8.3): a processor that ends the stream OK counts as
+    """Envoy's accounting: a processor that ends the stream OK counts as
     closed and half-closed; with an error it counts as failed and half-closed, and when that
     error fails open Envoy then treats it as an OK close, counting closed and half-closed
     again. A stream the processor did not end is closed by the proxy."""

@@ -4,8 +4,8 @@ extproc has no route table of its own, so its config file lists routes as
 ``{prefix: "/api", overrides: {...}}`` or ``{prefix: "/health", disabled: true}``, the rest of
 each entry being the ``ExtProcPerRoute`` message as Envoy users write it. The first route whose
 prefix starts the request's original ``:path`` applies (Envoy's routes also match in order).
-Override semantics are Envoy's (spec §9.7): ``processing_mode`` replaces the whole mode,
-``grpc_service`` the service, ``failure_mode_allow`` the flag, each ``metadata_options``
+Override semantics are Envoy's (docs/protocol.md, Control): ``processing_mode`` replaces the
+whole mode, ``grpc_service`` the service, ``failure_mode_allow`` the flag, each ``metadata_options``
 namespace list the list, and ``grpc_initial_metadata`` entries are merged into the service's
 ``initial_metadata`` by key.
 """

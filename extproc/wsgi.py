@@ -492,7 +492,7 @@ class _Run:
         # Neither wsgi.input nor a generator can say what is there without blocking. A
         # request body of known length is taken as arrived (it comes with the request, and
         # every read of it blocks anyway); so is what the app already gave, and the rest of
-        # an iterable it built whole (a list or a tuple). README: WSGI middleware.
+        # an iterable it built whole (a list or a tuple). docs/embedding.md, WSGI middleware.
         if direction is Direction.REQUEST:
             return self._read_input() if self.input_left is not None else None
         if self.app_written or self.app_iter is None or isinstance(self.app_result, list | tuple):

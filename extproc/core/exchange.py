@@ -289,7 +289,8 @@ class Exchange:
         return actions
 
     def _observe_body(self, side: _Side, data: bytes, eos: bool) -> list[Action]:
-        """Observability mode: only STREAMED bodies are sent, and nothing waits (§9.5)."""
+        """Observability mode: only STREAMED bodies are sent, and nothing waits (docs/protocol.md,
+        Control)."""
         actions: list[Action] = []
         if side.body_mode == modes.STREAMED and not self.complete:
             message = codec.body_request(side.fields.body, data, eos)
@@ -558,7 +559,7 @@ class Exchange:
             return self._override_timeout(response.override_message_timeout.ToTimedelta())
         kind = response.WhichOneof("response")
         if kind is not None:
-            # Applied before the reply is validated, as Envoy does (spec §6.7).
+            # Applied before the reply is validated, as Envoy does.
             self._receive_metadata(response)
         if kind == "immediate_response" and not self.settings.disable_immediate_response:
             self.record.messages_received += 1
@@ -821,7 +822,7 @@ class Exchange:
 
     def _override_timeout(self, value: Any) -> list[Action]:
         """Envoy accepts one override per outstanding message, within 1 ms and
-        max_message_timeout, while that message's timer runs (spec §6.9)."""
+        max_message_timeout, while that message's timer runs (docs/protocol.md, Control)."""
         seconds = value.total_seconds()
         in_range = 0.001 <= seconds <= self.settings.max_message_timeout
         if self._timer_running and not self._timer_overridden and in_range:

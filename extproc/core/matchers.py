@@ -1,7 +1,7 @@
 """Envoy's StringMatcher and the header forwarding rules built on it.
 
 ``forward_rules`` decide which header names the processor sees (headers and trailers,
-pseudo-headers included); the HTTP message itself is never changed by them (spec §4.3).
+pseudo-headers included); the HTTP message itself is never changed by them.
 """
 
 from __future__ import annotations

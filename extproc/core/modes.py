@@ -1,8 +1,8 @@
 """Processing-mode rules: what each body mode implies, and how mode_override merges.
 
-Envoy 1.40 (extproc-spec §5, §6.8): header modes other than SKIP send; trailer modes send only
-when SEND; ``mode_override`` starts from the filter-level mode, takes each non-DEFAULT header
-or trailer mode and always both body modes from the override.
+Envoy 1.40 (docs/protocol.md, Bodies and trailers): header modes other than SKIP send;
+trailer modes send only when SEND; ``mode_override`` starts from the filter-level mode, takes
+each non-DEFAULT header or trailer mode and always both body modes from the override.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ _HEADER_AND_TRAILER_FIELDS = (
 
 
 def strips_content_length(body_mode: int, header_mode: int) -> bool:
-    """Whether Envoy removes content-length from the head in this mode (spec §5.7)."""
+    """Whether Envoy removes content-length from the head in this mode (docs/protocol.md,
+    Bodies and trailers)."""
     if body_mode in (STREAMED, BUFFERED_PARTIAL, FULL_DUPLEX_STREAMED):
         return True
     return bool(body_mode == BUFFERED and header_mode == SKIP)

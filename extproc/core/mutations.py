@@ -1,6 +1,6 @@
 """Header mutation rules and the algorithm that applies a processor's HeaderMutation.
 
-Rules this module keeps (Envoy 1.40, extproc-spec §6.2 and §7):
+Rules this module keeps (Envoy 1.40; docs/protocol.md, What the processor sees):
 1. Only ``raw_value`` is read; ``value`` is ignored.
 2. Only the legacy ``append`` bool decides append vs overwrite (unset = overwrite), unless the
    extproc-only ``honor_append_action`` option is on.

@@ -3,8 +3,8 @@
 One Envoy (HTTP/1.1 codec defaults, ext_proc then router) and one extproc run in front of the
 same strict recording upstream and real processor. Each entry's Envoy result must be its
 ``[envoy]`` expectation and its extproc result its ``[extproc]`` one, so a change on either
-side fails here; where the two differ the entry says why (``difference``), and the README's
-Guarantees section lists those differences.
+side fails here; where the two differ the entry says why (``difference``), and
+docs/guarantees.md lists those differences.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def check_one(proxy: ProxyServer, upstream: RecordingUpstream, data: bytes) -> l
 
 def run_fuzz(proxy: ProxyServer, upstream: RecordingUpstream, examples: int) -> Counter[str]:
     """Run the property ``examples`` times; how many examples ended with each first status
-    (``closed`` for none), printed for the README's figures."""
+    (``closed`` for none), printed for docs/guarantees.md's figures."""
     outcomes: Counter[str] = Counter()
 
     @settings(

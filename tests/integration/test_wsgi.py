@@ -339,7 +339,7 @@ def test_streamed_request_body_reaches_the_app_while_it_arrives() -> None:
 def test_full_duplex_request_body_streams_to_the_app() -> None:
     """FULL_DUPLEX_STREAMED, a body many times the buffer limit, streamed back per piece:
     the app reads it all, processed. (When the app is called depends on the processor: the
-    head goes on with the first body piece it streams back; README, Embedding.)"""
+    head goes on with the first body piece it streams back; docs/embedding.md.)"""
     body = pattern(1024 * 1024).lower()
     app = StreamingReader()
     sent = threading.Event()

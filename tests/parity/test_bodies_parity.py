@@ -1560,7 +1560,7 @@ def observe(scenario: Scenario, proxy: ProxyFactory, workdir: Path) -> Observati
     return Observation(compared, notes)
 
 
-# Differences kept on purpose, each with the reason; README "Where extproc differs".
+# Differences kept on purpose, each with the reason; docs/protocol.md "Where extproc differs".
 DELIBERATE: dict[str, str] = {}
 
 

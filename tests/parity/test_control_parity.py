@@ -450,7 +450,8 @@ SCENARIOS = [
         statuses=(500,),
         counters={"streams_failed": 1},
         xfail=(
-            "deliberate (README): in observability mode nothing waits for the processor, so"
+            "deliberate (docs/protocol.md): in observability mode nothing waits for the processor,"
+            " so"
             " whether a failed stream is noticed before the request is forwarded is a race;"
             " Envoy's gRPC client reports an unreachable cluster before its router connects"
             " upstream, extproc's channel reports it a few milliseconds later, after the"

@@ -240,7 +240,7 @@ SCENARIOS = [
         handler=abort_internal,
         ext_proc=_ext(status_on_error={"code": 503}),
     ),
-    # Hostile processor output (README: Guarantees, Processor output).
+    # Hostile processor output (docs/guarantees.md, Processor output).
     Scenario(
         "hop-by-hop-set-on-request-forwarded",
         handler=setting(

@@ -1,4 +1,5 @@
-"""The header mutation algorithm and rules (extproc-spec §6.2, §7), table-driven."""
+"""The header mutation algorithm and rules (docs/protocol.md, What the processor sees),
+table-driven."""
 
 from __future__ import annotations
 
