@@ -742,12 +742,6 @@ SCENARIOS = [
         handler=answering(response_body=header_from_body_reply),
     ),
     _response(
-        "streamed-response-replace-each-whole-chunked-body",
-        UpstreamReply(chunks=(b"one write: the whole chunked body",)),
-        ext_proc=_modes(response_body_mode="STREAMED"),
-        handler=answering(response_body=lambda m: body_reply(m, body=b"replaced")),
-    ),
-    _response(
         "streamed-response-content-length",
         CL_REPLY,
         ext_proc=_modes(response_body_mode="STREAMED"),

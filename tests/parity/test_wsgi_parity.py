@@ -326,13 +326,6 @@ def body_after_the_headers_reply(observation: Observation) -> None:
 _SET_IN_BODY_REPLY = "x-set-in-body-reply"
 
 
-def each_message_replaced(observation: Observation) -> None:
-    """As body_after_the_headers_reply, and the processor replaces each body message it
-    gets: the data and the end, so the client gets the replacement twice."""
-    body_after_the_headers_reply(observation)
-    observation["client"]["body"] *= 2
-
-
 SCENARIO_DIFFERENCES: dict[str, tuple[str, Difference]] = {
     **dict.fromkeys(
         (
@@ -340,10 +333,6 @@ SCENARIO_DIFFERENCES: dict[str, tuple[str, Difference]] = {
             "streamed-response-header-mutation-whole-body",
         ),
         (body_after_the_headers_reply.__doc__ or "", body_after_the_headers_reply),
-    ),
-    "streamed-response-replace-each-whole-chunked-body": (
-        each_message_replaced.__doc__ or "",
-        each_message_replaced,
     ),
     "empty-request-chunked-trailers-only": (
         empty_body_ends_itself.__doc__ or "",
