@@ -395,9 +395,10 @@ class ProxyServer:
                 return
             limit = self.config.max_connections
             if limit and self._open >= limit:
-                # Envoy's listener limit: refused at once, before any byte is read.
-                sock.close()
+                # Envoy's listener limit: refused at once, before any byte is read. Counted
+                # before the close, so a client that saw the close also sees the count.
                 self.stats.downstream_cx_overflow.inc()
+                sock.close()
                 continue
             sock.setblocking(True)
             down = Downstream.accept(sock, peer, self.config.max_request_head_bytes)
