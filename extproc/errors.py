@@ -1,8 +1,10 @@
 """The exception tree of extproc.
 
-Every class carries ``status_hint``: the HTTP status the proxy answers with when the error ends
-a request, so the I/O layer never needs an ``isinstance`` ladder to choose one. Leaves that are
-also timeouts subclass :class:`TimeoutError`, so callers may catch either.
+One root, :class:`ExtProcError`; a middle class per concern (configuration, the processor, the
+upstream, an exchange that cannot go on); leaves that are also timeouts subclass
+:class:`TimeoutError`, so callers may catch either. What status a failed request is answered
+with is decided where the failure is met (the request loop, the driver): a class does not carry
+one.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 
 class ExtProcError(Exception):
     """Root of every error extproc raises on purpose."""
-
-    status_hint = 500
 
 
 class ConfigError(ExtProcError):
@@ -23,22 +23,12 @@ class ConfigError(ExtProcError):
         self.message = message
 
 
-class ClientProtocolError(ExtProcError):
-    """The downstream client broke HTTP/1.1; the status is h11's hint (400, 431, ...)."""
-
-    def __init__(self, message: str, status_hint: int = 400) -> None:
-        super().__init__(message)
-        self.status_hint = status_hint
-
-
 class ProcessorError(ExtProcError):
     """Something went wrong on the ext_proc side stream."""
 
 
 class ProcessorTimeout(ProcessorError, TimeoutError):
     """The processor did not answer a message within message_timeout."""
-
-    status_hint = 504
 
 
 class ProcessorStreamError(ProcessorError):
@@ -53,14 +43,27 @@ class ProcessorStreamError(ProcessorError):
 class UpstreamError(ExtProcError):
     """The upstream could not be reached or broke before its response head."""
 
-    status_hint = 503
-
 
 class UpstreamConnectError(UpstreamError):
     """Connecting to the upstream failed."""
 
 
-class UpstreamTimeout(UpstreamError, TimeoutError):
-    """The upstream did not answer within the upstream timeout."""
+class ExchangeAborted(ExtProcError):
+    """The exchange cannot go on: the client's connection goes without (more of) a reply (a
+    local reply after the response's head went out, an upstream or a client that broke
+    mid-body)."""
 
-    status_hint = 504
+
+class ClientBodyError(ExchangeAborted):
+    """The request body broke HTTP/1.1 framing (400) or stalled past the client timeout (408)
+    after its head went on: answered so if no response has started, then the connection goes."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class RequestStopped(ExchangeAborted):
+    """Raised to a WSGI app reading wsgi.input: ext_proc answered the request (an immediate
+    response, an error, a body over the limit), so the rest of the body will not come. The
+    app's answer, if it makes one, is dropped for ext_proc's."""

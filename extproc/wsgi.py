@@ -56,6 +56,7 @@ from extproc.core.events import (
 )
 from extproc.core.record import RequestRecord
 from extproc.core.settings import ExchangeSettings
+from extproc.errors import ExchangeAborted, RequestStopped
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
 from extproc.io.request_loop import BodyPiece, open_loop, wall_clock
@@ -72,16 +73,6 @@ READ_SIZE = 64 * 1024
 # build_config wants a listener and an upstream; WSGI has neither, so these are never used.
 _NO_LISTEN = "127.0.0.1:0"
 _NO_UPSTREAM = "127.0.0.1:1"
-
-
-class ExchangeAborted(Exception):
-    """The response cannot be completed (a local reply after its head went out)."""
-
-
-class RequestStopped(ExchangeAborted):
-    """Raised to the app reading wsgi.input: ext_proc answered the request (an immediate
-    response, an error, a body over the limit), so the rest of the body will not come. The
-    app's answer, if it makes one, is dropped for ext_proc's."""
 
 
 @dataclass(frozen=True, slots=True)

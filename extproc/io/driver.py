@@ -31,7 +31,7 @@ from extproc.core.events import (
     RespondLocally,
 )
 from extproc.core.record import RequestRecord
-from extproc.errors import UpstreamConnectError
+from extproc.errors import ClientBodyError, ExchangeAborted, UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
@@ -54,19 +54,6 @@ _DRAIN_GAP = 0.25
 # handing it back to the acceptor: a client's next request usually follows within a
 # round trip, and serving it on the same thread saves two thread hand-offs and four syscalls.
 KEEPALIVE_LINGER = 0.05
-
-
-class ConnectionAborted(Exception):
-    """The exchange cannot go on: close the downstream connection without (more of) a reply."""
-
-
-class ClientBodyError(ConnectionAborted):
-    """The request body broke HTTP/1.1 framing (400) or stalled past the client timeout (408)
-    after its head went on: answered so if no response has started, then the connection goes."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 @dataclass(slots=True)
@@ -233,7 +220,7 @@ class ConnectionHandler:
                 _raw_error(down.conn, err.status, str(err))
                 run.record.status = err.status
             return False
-        except (ConnectionAborted, OSError, h11.ProtocolError):
+        except (ExchangeAborted, OSError, h11.ProtocolError):
             return False
         finally:
             run.finish()
@@ -570,7 +557,7 @@ class _RequestRun:
             else:
                 stats.upstream_cx_destroy_remote_with_active_rq.inc()
             self._close_upstream()
-            raise ConnectionAborted("upstream broke mid-response") from err
+            raise ExchangeAborted("upstream broke mid-response") from err
 
     def _read_request_body(self, timeout: float | None) -> BodyPiece | None:
         """The next piece of the request body; None for ``timeout``: only what arrived."""
@@ -582,7 +569,7 @@ class _RequestRun:
         except h11.RemoteProtocolError as err:
             raise ClientBodyError(400, f"request body: {err}") from err
         except ConnectionResetError as err:
-            raise ConnectionAborted("request body") from err
+            raise ExchangeAborted("request body") from err
         if piece[2] is not None and not wire.trailers_are_clean(piece[2]):
             raise ClientBodyError(400, "invalid character in a trailer value")
         return piece
@@ -592,7 +579,7 @@ class _RequestRun:
     def answer_locally(self, reply: RespondLocally) -> None:
         if self.response_started:
             # Envoy resets the stream: on HTTP/1.1 the connection goes, mid-response.
-            raise ConnectionAborted(f"local reply after the response started: {reply.details}")
+            raise ExchangeAborted(f"local reply after the response started: {reply.details}")
         self._close_upstream()
         self.record.status = reply.status
         allowed = wire.response_may_have_body(reply.status, self.method)

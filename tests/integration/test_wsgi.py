@@ -17,7 +17,8 @@ import pytest
 
 from extproc import ExtProcMiddleware, WsgiConfig
 from extproc.demo.upstream import pattern
-from extproc.wsgi import RequestStopped, environ_with, request_headers
+from extproc.errors import RequestStopped
+from extproc.wsgi import environ_with, request_headers
 from tests.support.bodies import body_reply, duplex, duplex_per_chunk, streamed_body, transform
 from tests.support.gunicorn import running_gunicorn
 from tests.support.processor import (
