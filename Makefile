@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ENVOY_BIN := $(abspath $(ENVOY_VENV))/lib/python3.11/site-packages/envoy/_bin/envoy
 export EXTPROC_ENVOY_BIN ?= $(ENVOY_BIN)
 
-.PHONY: all venv envoy demo test unit lint typecheck soak bench bench-tools bench-memory clean
+.PHONY: all venv envoy demo docs test unit lint typecheck soak bench bench-tools bench-memory clean
 BENCH_ARGS ?=
 BENCH_MEMORY_ARGS ?=
 SOAK_ARGS ?=
@@ -37,6 +37,14 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+# docs/configuration.md's option table, from extproc/options.py (tests/unit/test_options.py
+# fails when the two differ).
+docs: venv
+	$(BIN)/python -c 'import pathlib, re, extproc.options as o; \
+		doc = pathlib.Path("docs/configuration.md"); \
+		doc.write_text(re.sub(r"(<!-- options:begin -->\n).*?(<!-- options:end -->)", \
+			lambda m: m[1] + o.markdown_table() + m[2], doc.read_text(), flags=re.S))'
 
 # The whole suite with the default (direct) processor client and, alongside it, the
 # integration and parity suites again with the stub client (docs/processor-client.md). The

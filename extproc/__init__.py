@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from extproc.embed import Proxy
-    from extproc.wsgi import ExtProcMiddleware, WsgiConfig
+    from extproc.wsgi import ExtProcMiddleware
 
-__all__ = ["ExtProcMiddleware", "Proxy", "WsgiConfig"]
+__all__ = ["ExtProcMiddleware", "Proxy"]
 
 _LAZY = {
     "Proxy": "extproc.embed",
     "ExtProcMiddleware": "extproc.wsgi",
-    "WsgiConfig": "extproc.wsgi",
 }
 
 

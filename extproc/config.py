@@ -24,54 +24,20 @@ from envoy.config.core.v3 import grpc_service_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from google.protobuf import json_format
 
+from extproc.addresses import Address, InheritedSocket
 from extproc.channels import ChannelArgs, ChannelFlags, channel_setup, check_target
 from extproc.core import attributes
-from extproc.core.mutations import HeaderLimits, name_is_valid
-from extproc.core.settings import DEFAULT_BUFFER_LIMIT, ExchangeSettings
+from extproc.core.mutations import HeaderLimits
+from extproc.core.settings import ExchangeSettings
 from extproc.errors import ConfigError
+from extproc.options import FILE_SPECS, Options, Scope
 from extproc.routes import RouteSpec, effective_filter, parse_routes
 
 FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 ExternalProcessor = ext_proc_pb2.ExternalProcessor
-DEFAULT_THREADS = 32
-_FILE_KEYS = frozenset(
-    {
-        "listen",
-        "upstream",
-        "processor",
-        "grpc_client",
-        "clusters",
-        "ext_proc",
-        "routes",
-        "metadata_headers",
-    }
-)
-# How a Process stream is driven (extproc.io.processor): from the worker's thread, or through
-# grpc's synchronous stub fed by a queue.
-GRPC_CLIENTS = ("direct", "stub")
-DEFAULT_GRPC_CLIENT = "direct"
-GRPC_CLIENT_ENV = "EXTPROC_GRPC_CLIENT"
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class InheritedSocket:
-    """A listening socket this process was handed open (``--listen fd://N``, systemd's
-    LISTEN_FDS) rather than one it binds."""
-
-    fd: int
-
-    def __str__(self) -> str:
-        return f"fd://{self.fd}"
+# The keys of extproc's own file besides the options' (extproc.options).
+_FILE_SECTIONS = frozenset({"ext_proc", "routes"})
+_DEFAULT = Options()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +46,11 @@ class UpstreamSettings:
     ``ejection_time`` seconds times its ejections in a row, at most ``max_ejection_time``."""
 
     addresses: tuple[Address, ...]
-    connect_timeout: float = 5.0
+    connect_timeout: float = _DEFAULT.upstream_connect_timeout
     max_idle: int = 64
     max_response_head_bytes: int = 64 * 1024
-    ejection_time: float = 30.0
-    max_ejection_time: float = 300.0
+    ejection_time: float = _DEFAULT.upstream_ejection_time
+    max_ejection_time: float = _DEFAULT.upstream_max_ejection_time
 
     @property
     def host(self) -> str:
@@ -114,18 +80,18 @@ class ProcessorSettings:
     authority: str | None = None
     # gRPC channel arguments: LB policy, keepalive, google_grpc.channel_args (extproc.channels).
     channel_args: ChannelArgs = ()
-    grpc_client: str = DEFAULT_GRPC_CLIENT  # one of GRPC_CLIENTS
+    grpc_client: str = "direct"  # Options.grpc_client: direct or stub (extproc.io.processor)
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Seconds; every wait of the proxy has one."""
 
-    request_headers: float = 10.0
-    idle: float = 60.0
-    client: float = 60.0
-    upstream: float = 15.0
-    drain: float = 30.0
+    request_headers: float = _DEFAULT.header_read_timeout
+    idle: float = _DEFAULT.idle_timeout
+    client: float = _DEFAULT.client_timeout
+    upstream: float = _DEFAULT.upstream_timeout
+    drain: float = _DEFAULT.drain_timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,23 +104,15 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class ProxyConfig:
-    listen: Address | InheritedSocket
-    upstream: UpstreamSettings
+class FilterConfig:
+    """The ext_proc filter: its settings, its processor, and per-path routes. The proxy runs
+    one in front of its upstream; the WSGI middleware runs one around its app."""
+
+    exchange: ExchangeSettings
     processor: ProcessorSettings
-    exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    threads: int = DEFAULT_THREADS
-    max_request_head_bytes: int = 60 * 1024
-    # Open client connections beyond which new ones are closed at once; 0: no limit (Envoy's).
-    max_connections: int = 0
-    forwarded_for: bool = True
-    # The admin listener (/stats, /metrics, /ready); None: none.
-    admin: Address | None = None
+    routes: tuple[Route, ...] = ()
     # ExternalProcessor.stat_prefix: the ext_proc stats are http.ingress.ext_proc.<it>.*
     stat_prefix: str = ""
-    routes: tuple[Route, ...] = ()
-    tls: ListenerTls | None = None
 
     def for_path(self, path: bytes) -> tuple[ExchangeSettings, ProcessorSettings]:
         """The settings of the first route whose prefix starts ``path``, else the filter's."""
@@ -167,31 +125,20 @@ class ProxyConfig:
         return {self.processor, *(route.processor for route in self.routes)}
 
 
-def parse_address(value: str, option: str, default_host: str = "0.0.0.0") -> Address:
-    """``host:port``, ``:port`` (all interfaces) or ``[v6]:port``."""
-    match = re.fullmatch(r"(\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})", value)
-    if not match or not 0 <= int(match["port"]) <= 65535:
-        raise ConfigError(option, f"expected HOST:PORT, :PORT or [V6]:PORT, got {value!r}")
-    return Address(match["v6"] or match["host"] or default_host, int(match["port"]))
-
-
-def parse_listen(value: str, option: str) -> Address | InheritedSocket:
-    """:func:`parse_address`'s forms, or ``fd://N``: serve on inherited descriptor N."""
-    if value.startswith("fd://"):
-        fd = value[len("fd://") :]
-        if not fd.isdigit():
-            raise ConfigError(option, f"expected fd://N with N a descriptor number, got {value!r}")
-        return InheritedSocket(int(fd))
-    return parse_address(value, option)
-
-
-def parse_duration(value: str, option: str) -> float:
-    """Seconds from ``200ms``, ``1.5s`` or a bare number of seconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d*)?)(ms|s)?", value.strip())
-    if not match:
-        raise ConfigError(option, f"expected a duration such as 200ms or 1.5s, got {value!r}")
-    number = float(match[1])
-    return number / 1000 if match[2] == "ms" else number
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    listen: Address | InheritedSocket
+    upstream: UpstreamSettings
+    filter: FilterConfig
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    threads: int = _DEFAULT.threads
+    max_request_head_bytes: int = _DEFAULT.max_request_headers_kb * 1024
+    # Open client connections beyond which new ones are closed at once; 0: no limit (Envoy's).
+    max_connections: int = _DEFAULT.max_connections
+    forwarded_for: bool = _DEFAULT.xff
+    # The admin listener (/stats, /metrics, /ready); None: none.
+    admin: Address | None = None
+    tls: ListenerTls | None = None
 
 
 # Files ------------------------------------------------------------------------------------
@@ -199,16 +146,12 @@ def parse_duration(value: str, option: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class FileConfig:
-    """What a --config file holds."""
+    """What a --config file holds: the filter message, routes, and option values by file key
+    (read by :meth:`extproc.options.Options.resolve`, which names a bad one's key)."""
 
     filter: ext_proc_pb2.ExternalProcessor
-    clusters: Mapping[str, str] = field(default_factory=dict)
-    listen: str | None = None
-    upstream: str | None = None
-    processor: str | None = None
-    grpc_client: str | None = None
     routes: tuple[RouteSpec, ...] = ()
-    metadata_headers: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)
 
 
 def load_file(path: Path) -> FileConfig:
@@ -225,59 +168,25 @@ def load_file(path: Path) -> FileConfig:
     return parse_file_data(data)
 
 
-def parse_file_data(data: dict[str, Any]) -> FileConfig:
+def parse_file_data(data: Mapping[str, Any]) -> FileConfig:
+    """Any of the file's three shapes: the ExternalProcessor message, an Envoy http_filters
+    entry, or extproc's own file with ``ext_proc:`` beside option keys and ``routes:``."""
     if "ext_proc" not in data:
         return FileConfig(filter=parse_filter(data, "ext_proc"))
-    unknown = sorted(set(data) - _FILE_KEYS)
+    keys = FILE_SPECS.keys() | _FILE_SECTIONS
+    unknown = sorted(set(data) - keys)
     if unknown:
-        raise ConfigError(unknown[0], f"unknown key; expected one of {sorted(_FILE_KEYS)}")
-    clusters = data.get("clusters") or {}
-    if not isinstance(clusters, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in clusters.items()
-    ):
-        raise ConfigError("clusters", "expected a mapping of cluster name to a gRPC target")
-    for name, target in clusters.items():
-        check_target(target, f"clusters.{name}")
-    strings = {}
-    for key in ("listen", "upstream", "processor", "grpc_client"):
-        value = data.get(key)
-        if key == "upstream" and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            value = ",".join(value)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {type(value).__name__}")
-        strings[key] = value
-    headers = data.get("metadata_headers") or {}
-    if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and name_is_valid(v.lower().encode())
-        for k, v in headers.items()
-    ):
-        raise ConfigError("metadata_headers", "expected a mapping of namespace to header name")
-    if strings["grpc_client"] is not None:
-        check_grpc_client(strings["grpc_client"], "grpc_client")
+        raise ConfigError(unknown[0], f"unknown key; expected one of {sorted(keys)}")
+    options = {k: v for k, v in data.items() if k in FILE_SPECS}
+    for key, value in options.items():
+        # Checked now, so a bad file is refused when read (and on reload, before anything
+        # changes); the options are read from it again when the flags and environment are.
+        FILE_SPECS[key].kind.parse(value, key)
     return FileConfig(
         filter=parse_filter(data["ext_proc"], "ext_proc"),
-        clusters=clusters,
         routes=parse_routes(data["routes"]) if "routes" in data else (),
-        metadata_headers=headers,
-        **strings,
+        options=options,
     )
-
-
-def _grpc_client(flags: Overrides, file: FileConfig) -> str:
-    """--grpc-client, else the file's grpc_client, else $EXTPROC_GRPC_CLIENT (a deployment's
-    or a test run's default for every proxy it starts), else direct."""
-    if flags.grpc_client is not None:
-        return check_grpc_client(flags.grpc_client, "--grpc-client")
-    if file.grpc_client is not None:
-        return file.grpc_client
-    env = os.environ.get(GRPC_CLIENT_ENV)
-    return check_grpc_client(env, GRPC_CLIENT_ENV) if env else DEFAULT_GRPC_CLIENT
-
-
-def check_grpc_client(value: str, where: str) -> str:
-    if value not in GRPC_CLIENTS:
-        raise ConfigError(where, f"{value!r} is not one of {', '.join(GRPC_CLIENTS)}")
-    return value
 
 
 def parse_filter(data: Any, where: str) -> ext_proc_pb2.ExternalProcessor:
@@ -467,56 +376,18 @@ def _processor_settings(
 # Building ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Overrides:
-    """Command-line values; None means "not given", so the file (or the default) applies."""
-
-    listen: str | None = None
-    upstream: str | None = None
-    processor: str | None = None
-    processor_channel: ChannelFlags = field(default_factory=ChannelFlags)
-    grpc_client: str | None = None
-    clusters: Mapping[str, str] = field(default_factory=dict)
-    metadata_headers: Mapping[str, str] = field(default_factory=dict)
-    failure_mode_allow: bool | None = None
-    message_timeout: str | None = None
-    request_header_mode: str | None = None
-    response_header_mode: str | None = None
-    status_on_error: int | None = None
-    honor_append_action: bool = False
-    threads: int | None = None
-    max_connections: int = 0
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    upstream_connect_timeout: float = 5.0
-    max_request_headers_kb: int = 60
-    max_request_headers_count: int = 100
-    forwarded_for: bool = True
-    buffer_limit_bytes: int = DEFAULT_BUFFER_LIMIT
-    request_body_mode: str | None = None
-    response_body_mode: str | None = None
-    request_trailer_mode: str | None = None
-    response_trailer_mode: str | None = None
-    admin: str | None = None
-    # (base, max) ejection seconds of an upstream that failed to connect.
-    upstream_ejection: tuple[float, float] = (30.0, 300.0)
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-
-
-def apply_overrides(
-    message: ext_proc_pb2.ExternalProcessor, flags: Overrides
+def apply_options(
+    message: ext_proc_pb2.ExternalProcessor, options: Options
 ) -> ext_proc_pb2.ExternalProcessor:
-    """A copy of ``message`` with the filter fields given on the command line set."""
+    """A copy of ``message`` with the filter fields that options set (flags, environment)."""
     merged = ExternalProcessor()
     merged.CopyFrom(message)
-    if flags.failure_mode_allow is not None:
-        merged.failure_mode_allow = flags.failure_mode_allow
-    if flags.message_timeout is not None:
-        seconds = parse_duration(flags.message_timeout, "--message-timeout")
-        merged.message_timeout.FromNanoseconds(round(seconds * 1e9))
-    if flags.status_on_error is not None:
-        merged.status_on_error.code = flags.status_on_error
+    if options.failure_mode_allow is not None:
+        merged.failure_mode_allow = options.failure_mode_allow
+    if options.message_timeout is not None:
+        merged.message_timeout.FromNanoseconds(round(options.message_timeout * 1e9))
+    if options.status_on_error is not None:
+        merged.status_on_error.code = options.status_on_error
     mode = merged.processing_mode
     for name in (
         "request_header_mode",
@@ -524,57 +395,65 @@ def apply_overrides(
         "request_trailer_mode",
         "response_trailer_mode",
     ):
-        flag = getattr(flags, name)
-        if flag is not None:
-            setattr(mode, name, mode.HeaderSendMode.Value(flag.upper()))
+        value = getattr(options, name)
+        if value is not None:
+            setattr(mode, name, mode.HeaderSendMode.Value(value.upper()))
     for name in ("request_body_mode", "response_body_mode"):
-        flag = getattr(flags, name)
-        if flag is not None:
-            setattr(mode, name, mode.BodySendMode.Value(flag.upper()))
+        value = getattr(options, name)
+        if value is not None:
+            setattr(mode, name, mode.BodySendMode.Value(value.upper()))
     return merged
 
 
-def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
-    """The whole configuration: flags over the file over Envoy's and extproc's defaults."""
+def resolve_options(
+    file: FileConfig | None,
+    given: Mapping[str, object],
+    environ: Mapping[str, str] | None,
+    scopes: frozenset[Scope] = frozenset(Scope),
+) -> Options:
+    """The options from ``given`` (flags or keyword arguments), the environment (``os.environ``
+    unless given), and the file."""
+    return Options.resolve(
+        given, file.options if file else {}, os.environ if environ is None else environ, scopes
+    )
+
+
+def build_filter(file: FileConfig | None, options: Options) -> FilterConfig:
+    """The filter part: what both the proxy and the WSGI middleware run."""
     file = file or FileConfig(filter=ExternalProcessor())
-    message = apply_overrides(file.filter, flags)
+    message = apply_options(file.filter, options)
     check_supported(message)
-    listen = flags.listen or file.listen
-    upstream = flags.upstream or file.upstream
-    if listen is None:
-        raise ConfigError("--listen", "is required (or listen: in the config file)")
-    if upstream is None:
-        raise ConfigError("--upstream", "is required (or upstream: in the config file)")
-    upstream_addresses = tuple(
-        parse_address(item.strip(), "--upstream", default_host="127.0.0.1")
-        for item in upstream.split(",")
+    channel = ChannelFlags(
+        ca=options.processor_ca,
+        cert=options.processor_cert,
+        key=options.processor_key,
+        authority=options.processor_authority,
+        lb_policy=options.processor_lb_policy,
+        keepalive_time=options.processor_keepalive_time,
+        keepalive_timeout=options.processor_keepalive_timeout,
     )
-    ejection, max_ejection = flags.upstream_ejection
-    if not 0 < ejection <= max_ejection:
-        raise ConfigError(
-            "--upstream-ejection-time", "must be above 0 and at most --upstream-max-ejection-time"
-        )
-    clusters = {**file.clusters, **flags.clusters}
-    processor_flag = flags.processor or file.processor
-    grpc_client = _grpc_client(flags, file)
-    processor = _processor_settings(
-        message.grpc_service, clusters, processor_flag, flags.processor_channel, grpc_client
+    limits = HeaderLimits(
+        max_count=options.max_request_headers_count,
+        max_bytes=options.max_request_headers_kb * 1024,
     )
-    head_bytes = flags.max_request_headers_kb * 1024
-    limits = HeaderLimits(max_count=flags.max_request_headers_count, max_bytes=head_bytes)
-    named = {**file.metadata_headers, **flags.metadata_headers}
-    for header in named.values():
-        if not name_is_valid(header.lower().encode()):
-            raise ConfigError("--metadata-header", f"{header!r} is not a header name")
-    metadata_headers = tuple((ns, h.lower().encode()) for ns, h in named.items())
+    metadata_headers = tuple((ns, h.lower().encode()) for ns, h in options.metadata_header.items())
 
     def exchange_settings(filter_message: ext_proc_pb2.ExternalProcessor) -> ExchangeSettings:
         return ExchangeSettings.from_proto(
             filter_message,
             limits=limits,
-            honor_append_action=flags.honor_append_action,
-            buffer_limit=flags.buffer_limit_bytes,
+            honor_append_action=options.honor_append_action,
+            buffer_limit=options.buffer_limit_bytes,
             metadata_headers=metadata_headers,
+        )
+
+    def processor_settings(filter_message: ext_proc_pb2.ExternalProcessor) -> ProcessorSettings:
+        return _processor_settings(
+            filter_message.grpc_service,
+            options.cluster,
+            options.processor,
+            channel,
+            options.grpc_client,
         )
 
     routes = []
@@ -585,34 +464,56 @@ def build_config(file: FileConfig | None, flags: Overrides) -> ProxyConfig:
             Route(
                 spec.prefix.encode(),
                 exchange_settings(route_filter),
-                _processor_settings(
-                    route_filter.grpc_service,
-                    clusters,
-                    processor_flag,
-                    flags.processor_channel,
-                    grpc_client,
-                ),
+                processor_settings(route_filter),
             )
         )
+    return FilterConfig(
+        exchange=exchange_settings(message),
+        processor=processor_settings(message),
+        routes=tuple(routes),
+        stat_prefix=message.stat_prefix,
+    )
+
+
+def build_config(
+    file: FileConfig | None,
+    given: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ProxyConfig:
+    """The whole configuration: ``given`` options (by name: flags or keyword arguments) over
+    the environment over the file over the defaults."""
+    options = resolve_options(file, given or {}, environ)
+    if options.listen is None:
+        raise ConfigError("--listen", "is required (or listen: in the config file)")
+    if not options.upstream:
+        raise ConfigError("--upstream", "is required (or upstream: in the config file)")
+    ejection, max_ejection = options.upstream_ejection_time, options.upstream_max_ejection_time
+    if not 0 < ejection <= max_ejection:
+        raise ConfigError(
+            "--upstream-ejection-time", "must be above 0 and at most --upstream-max-ejection-time"
+        )
     return ProxyConfig(
-        listen=parse_listen(listen, "--listen"),
+        listen=options.listen,
         upstream=UpstreamSettings(
-            upstream_addresses,
-            connect_timeout=flags.upstream_connect_timeout,
+            options.upstream,
+            connect_timeout=options.upstream_connect_timeout,
             ejection_time=ejection,
             max_ejection_time=max_ejection,
         ),
-        processor=processor,
-        exchange=exchange_settings(message),
-        timeouts=flags.timeouts,
-        threads=flags.threads or DEFAULT_THREADS,
-        max_connections=flags.max_connections,
-        max_request_head_bytes=head_bytes,
-        forwarded_for=flags.forwarded_for,
-        admin=parse_address(flags.admin, "--admin") if flags.admin is not None else None,
-        stat_prefix=message.stat_prefix,
-        routes=tuple(routes),
-        tls=_listener_tls(flags),
+        filter=build_filter(file, options),
+        timeouts=Timeouts(
+            request_headers=options.header_read_timeout,
+            idle=options.idle_timeout,
+            client=options.client_timeout,
+            upstream=options.upstream_timeout,
+            drain=options.drain_timeout,
+        ),
+        threads=options.threads,
+        max_connections=options.max_connections,
+        max_request_head_bytes=options.max_request_headers_kb * 1024,
+        forwarded_for=options.xff,
+        admin=options.admin,
+        tls=_listener_tls(options),
     )
 
 
@@ -621,22 +522,22 @@ _FIXED_AT_START = (
     ("listen", "listen"),
     ("admin", "--admin"),
     ("threads", "--threads"),
-    ("stat_prefix", "ext_proc.stat_prefix"),
 )
 
 
 def check_reloadable(running: ProxyConfig, new: ProxyConfig) -> None:
     """Refuse, naming the field, a new configuration that only a restart could apply."""
-    for attribute, where in _FIXED_AT_START:
-        if getattr(running, attribute) != getattr(new, attribute):
+    fixed = [(getattr(running, a), getattr(new, a), where) for a, where in _FIXED_AT_START]
+    fixed.append((running.filter.stat_prefix, new.filter.stat_prefix, "ext_proc.stat_prefix"))
+    for before, after, where in fixed:
+        if before != after:
             raise ConfigError(
                 where,
-                f"cannot change on reload ({getattr(running, attribute)!s} ->"
-                f" {getattr(new, attribute)!s}); restart extproc to apply it",
+                f"cannot change on reload ({before!s} -> {after!s}); restart extproc to apply it",
             )
 
 
-def _listener_tls(flags: Overrides) -> ListenerTls | None:
+def _listener_tls(flags: Options) -> ListenerTls | None:
     if flags.tls_cert is None and flags.tls_key is None:
         if flags.tls_client_ca is not None:
             raise ConfigError("--tls-client-ca", "needs --tls-cert and --tls-key")

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from extproc.config import Overrides, ProxyConfig, build_config, load_file, parse_file_data
+from extproc.config import ProxyConfig, build_config, load_file, parse_file_data
 from extproc.io.server import ProxyServer
 
 __all__ = ["Proxy"]
@@ -24,25 +24,24 @@ class Proxy:
         self._server: ProxyServer | None = None
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> Proxy:
-        """A config file as ``--config`` reads it; keyword arguments are the CLI's flags
-        (:class:`extproc.config.Overrides` fields), which win over the file."""
-        return cls(build_config(load_file(Path(path)), Overrides(**overrides)))
+    def from_file(cls, path: str | Path, **options: Any) -> Proxy:
+        """A config file as ``--config`` reads it; keyword arguments are the CLI's flags by
+        their :class:`extproc.options.Options` names, and win over the environment's
+        ``EXTPROC_*`` variables, which win over the file."""
+        return cls(build_config(load_file(Path(path)), options))
 
     @classmethod
     def from_options(
         cls,
         *,
-        listen: str,
-        upstream: str,
-        processor: str | None = None,
         ext_proc: dict[str, Any] | None = None,
-        **overrides: Any,
+        **options: Any,
     ) -> Proxy:
-        """``ext_proc`` is any of the config file's three shapes, as a dict."""
+        """``ext_proc`` is any of the config file's three shapes, as a dict; keyword arguments
+        are the CLI's flags by their :class:`extproc.options.Options` names (``listen``,
+        ``upstream``, ``processor``, ``message_timeout``, ...), as in :meth:`from_file`."""
         file = parse_file_data(ext_proc) if ext_proc is not None else None
-        flags = Overrides(listen=listen, upstream=upstream, processor=processor, **overrides)
-        return cls(build_config(file, flags))
+        return cls(build_config(file, options))
 
     @property
     def address(self) -> tuple[str, int]:

@@ -31,20 +31,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 from extproc.config import (
-    Overrides,
+    FileConfig,
+    FilterConfig,
     ProcessorSettings,
     ProxyConfig,
-    Route,
-    build_config,
+    build_filter,
     load_file,
     parse_file_data,
+    resolve_options,
 )
 from extproc.core import attributes, wire
 from extproc.core.events import (
@@ -56,67 +56,46 @@ from extproc.core.events import (
 )
 from extproc.core.record import RequestRecord
 from extproc.core.settings import ExchangeSettings
-from extproc.errors import ExchangeAborted, RequestStopped
+from extproc.errors import ConfigError, ExchangeAborted, RequestStopped
 from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
 from extproc.io.request_loop import BodyPiece, open_loop, wall_clock
 from extproc.metrics import Stats
 from extproc.models import Header, Headers
+from extproc.options import SPECS, Scope, flag_name
 
-__all__ = ["ExtProcMiddleware", "WsgiConfig"]
+__all__ = ["ExtProcMiddleware", "filter_config"]
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Callable[[bytes], object]]
 
 READ_SIZE = 64 * 1024
 
-# build_config wants a listener and an upstream; WSGI has neither, so these are never used.
-_NO_LISTEN = "127.0.0.1:0"
-_NO_UPSTREAM = "127.0.0.1:1"
+WsgiSource = str | os.PathLike[str] | Mapping[str, Any] | FilterConfig | ProxyConfig | None
 
 
-@dataclass(frozen=True, slots=True)
-class WsgiConfig:
-    """The ext_proc filter settings and processor of a middleware; per-path routes too."""
-
-    exchange: ExchangeSettings
-    processor: ProcessorSettings
-    routes: tuple[Route, ...] = ()
-    # ExternalProcessor.stat_prefix: the ext_proc stats are http.ingress.ext_proc.<it>.*
-    stat_prefix: str = ""
-
-    @classmethod
-    def from_proxy_config(cls, config: ProxyConfig) -> WsgiConfig:
-        return cls(config.exchange, config.processor, config.routes, config.stat_prefix)
-
-    @classmethod
-    def from_dict(
-        cls, ext_proc: dict[str, Any], processor: str | None = None, **overrides: Any
-    ) -> WsgiConfig:
-        """Any of the config file's three shapes as a dict; ``processor`` and ``overrides``
-        (:class:`extproc.config.Overrides` fields) as the CLI's flags."""
-        return cls._build(parse_file_data(ext_proc), processor, overrides)
-
-    @classmethod
-    def from_file(
-        cls, path: str | Path, processor: str | None = None, **overrides: Any
-    ) -> WsgiConfig:
-        return cls._build(load_file(Path(path)), processor, overrides)
-
-    @classmethod
-    def _build(cls, file: Any, processor: str | None, overrides: dict[str, Any]) -> WsgiConfig:
-        # The proxy's builder, so validation, defaults and error messages are the same;
-        # listen and upstream only satisfy it.
-        flags = Overrides(
-            listen=_NO_LISTEN, upstream=_NO_UPSTREAM, processor=processor, **overrides
-        )
-        return cls.from_proxy_config(build_config(file, flags))
-
-    def for_path(self, path: bytes) -> tuple[ExchangeSettings, ProcessorSettings]:
-        for route in self.routes:
-            if path.startswith(route.prefix):
-                return route.exchange, route.processor
-        return self.exchange, self.processor
+def filter_config(source: WsgiSource, options: Mapping[str, Any]) -> FilterConfig:
+    """The middleware's filter from a config file's path, a dict of any of the file's three
+    shapes, a built configuration, or nothing (then the options say it all); ``options`` are
+    the proxy's flags by name, read with the environment and the file as the proxy reads them.
+    The options of a listener, an upstream or the command are refused: WSGI has none."""
+    if isinstance(source, (FilterConfig, ProxyConfig)):
+        if options:
+            raise ConfigError(flag_name(next(iter(options))), "cannot change a built config")
+        return source if isinstance(source, FilterConfig) else source.filter
+    for name in options:
+        if name in SPECS and SPECS[name].scope is not Scope.FILTER:
+            raise ConfigError(
+                flag_name(name),
+                "is not an option of the WSGI middleware (it has no listener,"
+                " upstream or command line)",
+            )
+    file: FileConfig | None = None
+    if isinstance(source, (str, os.PathLike)):
+        file = load_file(Path(source))
+    elif source is not None:
+        file = parse_file_data(source)
+    return build_filter(file, resolve_options(file, options, None, frozenset({Scope.FILTER})))
 
 
 class ExtProcMiddleware:
@@ -128,13 +107,17 @@ class ExtProcMiddleware:
     """
 
     def __init__(
-        self, app: WsgiApp, config: WsgiConfig | ProxyConfig, *, stats: Stats | None = None
+        self,
+        app: WsgiApp,
+        config: WsgiSource = None,
+        /,
+        *,
+        stats: Stats | None = None,
+        **options: Any,
     ) -> None:
-        if isinstance(config, ProxyConfig):
-            config = WsgiConfig.from_proxy_config(config)
         self.app = app
-        self.config = config
-        self.stats = stats if stats is not None else Stats(config.stat_prefix)
+        self.config = filter_config(config, options)
+        self.stats = stats if stats is not None else Stats(self.config.stat_prefix)
         self._lock = threading.Lock()
         self._clients: dict[ProcessorSettings, ProcessorClient] = {}
         self._pid = os.getpid()

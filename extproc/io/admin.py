@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from extproc.config import Address
+from extproc.addresses import Address
 from extproc.metrics import Stats
 
 log = structlog.get_logger("extproc.admin")

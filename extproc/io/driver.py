@@ -131,7 +131,7 @@ class ConnectionHandler:
     ):
         # Replaced whole by swap(); reading the attribute is atomic, so no lock is needed.
         self.current = Generation.build(config, pool, processors)
-        self.stats = stats if stats is not None else Stats(config.stat_prefix)
+        self.stats = stats if stats is not None else Stats(config.filter.stat_prefix)
         self.draining = threading.Event()
 
     @property
@@ -195,7 +195,7 @@ class ConnectionHandler:
         down.head_deadline = None
         if not isinstance(event, h11.Request):
             return False
-        limits = self.config.exchange.limits
+        limits = self.config.filter.exchange.limits
         # Once into a list: h11's Headers iterates through collections.abc's Python-level
         # __iter__, one __getitem__ call a header, and the head is read several times.
         headers = list(event.headers)
@@ -295,7 +295,7 @@ class _RequestRun:
         self.record = RequestRecord(
             started=time.monotonic(), method=request.method, path=request.target
         )
-        settings, processor = gen.config.for_path(request.target)
+        settings, processor = gen.config.filter.for_path(request.target)
         self.loop = open_loop(
             settings,
             processor,

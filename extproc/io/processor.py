@@ -25,9 +25,10 @@ import grpc
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.config import GRPC_CLIENTS, ProcessorSettings
+from extproc.config import ProcessorSettings
 from extproc.io import direct_stream, stub_stream
 from extproc.io.watchdog import Watchdog
+from extproc.options import GRPC_CLIENTS
 
 log = structlog.get_logger("extproc.processor")
 

@@ -33,13 +33,8 @@ from types import FrameType
 
 import structlog
 
-from extproc.config import (
-    Address,
-    InheritedSocket,
-    ProcessorSettings,
-    ProxyConfig,
-    check_reloadable,
-)
+from extproc.addresses import Address, InheritedSocket
+from extproc.config import ProcessorSettings, ProxyConfig, check_reloadable
 from extproc.errors import ConfigError
 from extproc.io import systemd
 from extproc.io.admin import AdminServer
@@ -116,7 +111,7 @@ class ProxyServer:
         control: socket.socket | None = None,
     ) -> None:
         self.config = config
-        self.stats = Stats(config.stat_prefix)
+        self.stats = Stats(config.filter.stat_prefix)
         # Both sockets first: a taken address then fails before anything else is started.
         self._listener = listener if listener is not None else open_listener(config.listen)
         self.admin: AdminServer | None = None
@@ -224,7 +219,7 @@ class ProxyServer:
             address=f"{host}:{port}",
             tls=self.config.tls is not None,
             upstream=",".join(str(a) for a in self.config.upstream.addresses),
-            processor=self.config.processor.target,
+            processor=self.config.filter.processor.target,
             threads=self.config.threads,
         )
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -318,7 +313,7 @@ class ProxyServer:
             return False
         else:
             self.stats.reloads.inc()
-            log.info("reloaded", processor=self.config.processor.target)
+            log.info("reloaded", processor=self.config.filter.processor.target)
             return True
         finally:
             self._notify("READY=1")
@@ -521,5 +516,5 @@ def _clients(
     """A client per processor target of ``config``, reusing the running ones that match."""
     return {
         settings: running.get(settings) or ProcessorClient(settings, max_streams=config.threads)
-        for settings in config.processors()
+        for settings in config.filter.processors()
     }

@@ -23,7 +23,8 @@ from collections.abc import Callable
 import h11
 import structlog
 
-from extproc.config import Address, UpstreamSettings
+from extproc.addresses import Address
+from extproc.config import UpstreamSettings
 from extproc.errors import UpstreamConnectError
 from extproc.io.http1 import Http1Connection
 from extproc.metrics import Stats, UpstreamHostStats

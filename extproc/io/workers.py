@@ -93,7 +93,7 @@ class Supervisor:
         self._load_config = load_config
         self._cpu_affinity = cpu_affinity
         self._notify = notify
-        self.stats = Stats(config.stat_prefix)
+        self.stats = Stats(config.filter.stat_prefix)
         self.stats.sum_workers(self._collect_stats)
         self.admin: AdminServer | None = None
         if config.admin is not None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from extproc.config import Timeouts
 from extproc.io.server import ProxyServer
 from extproc.processor import Processor
 from extproc.processor.service import serve
@@ -41,6 +41,9 @@ def processor_target() -> Iterator[str]:
 def hostile_proxy(
     recording_upstream: RecordingUpstream, processor_target: str
 ) -> Iterator[ProxyServer]:
-    timeouts = Timeouts(request_headers=HEAD_TIMEOUT_S, client=BODY_TIMEOUT_S)
-    with running_proxy(recording_upstream.address, processor_target, timeouts=timeouts) as proxy:
+    timeouts: dict[str, Any] = {
+        "header_read_timeout": HEAD_TIMEOUT_S,
+        "client_timeout": BODY_TIMEOUT_S,
+    }
+    with running_proxy(recording_upstream.address, processor_target, **timeouts) as proxy:
         yield proxy

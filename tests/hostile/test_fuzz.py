@@ -15,13 +15,13 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from extproc.config import Timeouts
 from extproc.io.server import ProxyServer
 from tests.support.hostile import RecordingUpstream, _split_response
 from tests.support.proxy import request, running_proxy
@@ -164,9 +164,9 @@ def _workers_idle(proxy: ProxyServer, timeout: float = ANSWER_S) -> bool:
 def fuzz_proxy(
     recording_upstream: RecordingUpstream, processor_target: str
 ) -> Iterator[ProxyServer]:
-    timeouts = Timeouts(request_headers=5.0, client=5.0)
+    timeouts: dict[str, Any] = {"header_read_timeout": 5.0, "client_timeout": 5.0}
     with running_proxy(
-        recording_upstream.address, processor_target, threads=4, timeouts=timeouts
+        recording_upstream.address, processor_target, threads=4, **timeouts
     ) as proxy:
         yield proxy
 

@@ -15,10 +15,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from extproc.config import Timeouts
 from extproc.demo.upstream import EchoUpstream
 from extproc.io.server import ProxyServer
 from tests.support.proxy import Client, request, running_proxy, status_of
@@ -64,10 +64,11 @@ def answered(sock: socket.socket) -> bool:
 
 @pytest.fixture
 def slow_proxy(upstream: EchoUpstream, processor_target: str) -> Iterator[ProxyServer]:
-    timeouts = Timeouts(request_headers=HEAD_TIMEOUT_S, client=BODY_TIMEOUT_S)
-    with running_proxy(
-        upstream.address, processor_target, threads=THREADS, timeouts=timeouts
-    ) as proxy:
+    timeouts: dict[str, Any] = {
+        "header_read_timeout": HEAD_TIMEOUT_S,
+        "client_timeout": BODY_TIMEOUT_S,
+    }
+    with running_proxy(upstream.address, processor_target, threads=THREADS, **timeouts) as proxy:
         yield proxy
 
 

@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc import cli
-from extproc.config import Address, Overrides, build_config
+from extproc.addresses import Address
+from extproc.config import build_config
 from extproc.core.record import RequestRecord
 from extproc.demo.upstream import EchoUpstream
 from extproc.io.admin import AdminServer
@@ -216,12 +217,12 @@ def test_admin_address_taken_fails_before_anything_starts(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        flags = Overrides(
-            listen="127.0.0.1:0",
-            upstream=f"{upstream.address[0]}:{upstream.address[1]}",
-            processor=processor.address,
-            admin=f"127.0.0.1:{port}",
-        )
+        flags = {
+            "listen": "127.0.0.1:0",
+            "upstream": f"{upstream.address[0]}:{upstream.address[1]}",
+            "processor": processor.address,
+            "admin": f"127.0.0.1:{port}",
+        }
         config = build_config(None, flags)
         with pytest.raises(OSError, match="in use") as failure:
             ProxyServer(config)

@@ -33,9 +33,7 @@ def test_forward_rules_filter_what_the_processor_sees(
             "disallowed_headers": {"patterns": [{"exact": "x-secret"}]},
         }
     }
-    with running_proxy(
-        upstream.address, processor.address, ext_proc=ext_proc, forwarded_for=False
-    ) as proxy:
+    with running_proxy(upstream.address, processor.address, ext_proc=ext_proc, xff=False) as proxy:
         request(proxy.address, "GET", "/p", headers=[("x-a", "1"), ("x-secret", "s"), ("y-b", "2")])
     first = processor.wait_streams(1)[0].requests[0]
     assert [k for k, _ in header_items(first.request_headers)] == [

@@ -14,7 +14,6 @@ import h11
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.config import Timeouts
 from extproc.demo.upstream import EchoUpstream
 from extproc.io import driver
 from tests.support.processor import (
@@ -35,7 +34,7 @@ pytestmark = pytest.mark.integration
 def test_processor_sees_both_phases_as_envoy_sends_them(
     upstream: EchoUpstream, processor: ScriptedProcessor
 ) -> None:
-    with running_proxy(upstream.address, processor.address, forwarded_for=False) as proxy:
+    with running_proxy(upstream.address, processor.address, xff=False) as proxy:
         reply = request(proxy.address, "GET", "/p?q=1", headers=[("x-foo", "a")])
     assert reply.status == 200
     (stream,) = processor.wait_streams(1)
@@ -80,7 +79,7 @@ def test_request_header_mutations_reach_the_upstream(upstream: EchoUpstream) -> 
     )
     with (
         ScriptedProcessor(mutating("request_headers", common)) as proc,
-        running_proxy(upstream.address, proc.address, forwarded_for=False) as proxy,
+        running_proxy(upstream.address, proc.address, xff=False) as proxy,
     ):
         reply = request(
             proxy.address, "GET", "/old", headers=[("x-foo", "a"), ("x-gone", "1"), ("x-foo", "b")]
@@ -273,9 +272,7 @@ def test_the_drain_after_a_local_reply_is_bounded_in_time(upstream: EchoUpstream
     client_timeout = 120.0
     with (
         ScriptedProcessor(immediate_on("request_headers", immediate(302))) as proc,
-        running_proxy(
-            upstream.address, proc.address, timeouts=Timeouts(client=client_timeout)
-        ) as proxy,
+        running_proxy(upstream.address, proc.address, client_timeout=client_timeout) as proxy,
     ):
         for send_rest in (_quietly(trickle), _quietly(lambda sock, stop: None)):
             started = time.monotonic()
@@ -435,7 +432,7 @@ def test_initial_metadata_and_authority_reach_the_processor(
         }
     }
     with running_proxy(
-        upstream.address, None, ext_proc=ext_proc, clusters={"proc": processor.address}
+        upstream.address, None, ext_proc=ext_proc, cluster={"proc": processor.address}
     ) as proxy:
         assert request(proxy.address, "GET", "/").status == 200
     assert processor.wait_streams(1)[0].metadata.get("x-tenant") == "t1"

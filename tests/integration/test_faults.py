@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.config import Timeouts
 from extproc.demo.upstream import EchoUpstream
 from extproc.io.server import ProxyServer
 from tests.support.processor import ProcessorStream, ScriptedProcessor, matching_reply
@@ -411,9 +410,7 @@ def test_upstream_fault(processor: ScriptedProcessor, case: str) -> None:
     script, status, counter = UPSTREAM_FAULTS[case]
     with (
         FaultyUpstream(answer_then_close(GOOD_THEN_CLOSE), script) as upstream,
-        single_worker_proxy(
-            upstream.address, processor.address, timeouts=Timeouts(upstream=0.5)
-        ) as proxy,
+        single_worker_proxy(upstream.address, processor.address, upstream_timeout=0.5) as proxy,
     ):
         assert request(proxy.address, "GET", "/").body == b"good"
         baseline, before = settled(proxy)
@@ -450,9 +447,7 @@ def test_client_that_stops_reading_is_dropped_at_the_client_timeout(
     answer = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
     with (
         FaultyUpstream(answer_then_close(GOOD_THEN_CLOSE), answer_then_close(answer)) as upstream,
-        single_worker_proxy(
-            upstream.address, processor.address, timeouts=Timeouts(client=0.5)
-        ) as proxy,
+        single_worker_proxy(upstream.address, processor.address, client_timeout=0.5) as proxy,
     ):
         assert request(proxy.address, "GET", "/").body == b"good"
         baseline, before = settled(proxy)

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from extproc.config import Timeouts
 from extproc.demo.upstream import EchoUpstream
 from extproc.io.server import ProxyServer
 from tests.support.certs import CertAuthority, Issued
@@ -170,9 +169,9 @@ def test_a_stalled_handshake_does_not_stop_other_clients(
 
     The header-read timeout (which bounds the handshake) is longer than the good client's
     30 s socket timeout, so a stalled acceptor would fail this test rather than slow it."""
-    slow = Timeouts(request_headers=120.0)
+    slow = {"header_read_timeout": 120.0}
     with (
-        tls_proxy(pki, upstream, processor, threads=2, timeouts=slow) as proxy,
+        tls_proxy(pki, upstream, processor, threads=2, **slow) as proxy,
         socket.create_connection(proxy.address, timeout=30) as stalled,
     ):
         stalled.sendall(PARTIAL_CLIENT_HELLO)
@@ -191,7 +190,7 @@ def test_a_stalled_handshake_is_dropped_at_the_header_read_timeout(
     pki: Pki, upstream: EchoUpstream, processor: ScriptedProcessor
 ) -> None:
     with (
-        tls_proxy(pki, upstream, processor, timeouts=Timeouts(request_headers=0.5)) as proxy,
+        tls_proxy(pki, upstream, processor, header_read_timeout=0.5) as proxy,
         socket.create_connection(proxy.address, timeout=30) as stalled,
     ):
         stalled.sendall(PARTIAL_CLIENT_HELLO)

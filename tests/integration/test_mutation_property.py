@@ -26,7 +26,6 @@ from google.protobuf import wrappers_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.config import Timeouts
 from extproc.core.mutations import name_is_valid, value_is_valid
 from extproc.io.server import ProxyServer
 from tests.support.processor import ProcessorStream, ScriptedProcessor, matching_reply
@@ -306,7 +305,8 @@ def world() -> Iterator[World]:
                     upstream.address,
                     processor.address,
                     ext_proc=ext_proc,
-                    timeouts=Timeouts(upstream=10.0, client=10.0),
+                    upstream_timeout=10.0,
+                    client_timeout=10.0,
                 )
                 proxies[mode] = context.__enter__()
                 contexts.append(context)

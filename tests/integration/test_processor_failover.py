@@ -10,10 +10,10 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
-from extproc.channels import ChannelFlags
 from extproc.demo.upstream import EchoUpstream
 from extproc.io.server import ProxyServer
 from tests.support.processor_process import ProcessorProcess
@@ -123,13 +123,16 @@ def test_keepalive_notices_a_processor_gone_silent(upstream: EchoUpstream) -> No
         ProcessorProcess("silent", hold=True) as silent,
         Relay(("127.0.0.1", silent.port)) as relay,
     ):
-        channel = ChannelFlags(keepalive_time=0.5, keepalive_timeout=0.5)
+        channel: dict[str, Any] = {
+            "processor_keepalive_time": 0.5,
+            "processor_keepalive_timeout": 0.5,
+        }
         with (
             running_proxy(
                 upstream.address,
                 relay.address,
                 message_timeout="120s",
-                processor_channel=channel,
+                **channel,
             ) as proxy,
             Client(proxy.address, timeout=60) as client,
         ):

@@ -12,7 +12,6 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from extproc.channels import ChannelFlags
 from extproc.demo.processor import DemoProcessor
 from extproc.demo.upstream import EchoUpstream
 from tests.support.processor import ScriptedProcessor, mutate_headers, mutating
@@ -87,8 +86,8 @@ def test_ipv4_list_round_robin_spreads_streams_evenly(
 def test_pick_first_sends_everything_to_one_processor(
     trio: list[ScriptedProcessor], upstream: EchoUpstream
 ) -> None:
-    channel = ChannelFlags(lb_policy="pick_first")
-    with running_proxy(upstream.address, ipv4_list(trio), processor_channel=channel) as proxy:
+    channel: dict[str, Any] = {"processor_lb_policy": "pick_first"}
+    with running_proxy(upstream.address, ipv4_list(trio), **channel) as proxy:
         for _ in range(10):
             request(proxy.address, "GET", "/")
     assert [len(p.streams) for p in trio] == [10, 0, 0]

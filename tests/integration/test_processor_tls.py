@@ -4,7 +4,6 @@ config, and the --processor-ca/-cert/-key/-authority flags."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import subprocess
 from collections.abc import Iterator
 from concurrent import futures
@@ -17,7 +16,6 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from extproc.channels import ChannelFlags
 from extproc.demo.processor import DemoProcessor
 from extproc.demo.upstream import EchoUpstream
 from tests.support.certs import CertAuthority, Issued
@@ -164,11 +162,20 @@ def test_mtls_from_the_config_file(pki: Pki, upstream: EchoUpstream, inline: boo
             assert processed(request(proxy.address, "GET", "/hello"))
 
 
+def mtls_flags(pki: Pki, trusted: CertAuthority) -> dict[str, Any]:
+    """The --processor-ca/-cert/-key options: trust ``trusted``, show the client's pair."""
+    return {
+        "processor_ca": str(trusted.cert),
+        "processor_cert": str(pki.client.cert),
+        "processor_key": str(pki.client.key),
+    }
+
+
 def test_mtls_from_flags(pki: Pki, upstream: EchoUpstream) -> None:
-    flags = ChannelFlags(ca=str(pki.ca.cert), cert=str(pki.client.cert), key=str(pki.client.key))
+    flags = mtls_flags(pki, pki.ca)
     with (
         mtls_processor(pki.server, pki.ca.cert) as port,
-        running_proxy(upstream.address, f"127.0.0.1:{port}", processor_channel=flags) as proxy,
+        running_proxy(upstream.address, f"127.0.0.1:{port}", **flags) as proxy,
     ):
         assert processed(request(proxy.address, "GET", "/hello"))
 
@@ -176,21 +183,21 @@ def test_mtls_from_flags(pki: Pki, upstream: EchoUpstream) -> None:
 def test_authority_flag_names_the_certificate_to_expect(pki: Pki, upstream: EchoUpstream) -> None:
     """The processor's certificate names only processor.internal; the proxy dials an IP."""
     server = pki.ca.issue("internal", dns=("processor.internal",), loopback=False)
-    tls = ChannelFlags(ca=str(pki.ca.cert), cert=str(pki.client.cert), key=str(pki.client.key))
+    tls = mtls_flags(pki, pki.ca)
     with mtls_processor(server, pki.ca.cert) as port:
         target = f"127.0.0.1:{port}"
-        named = dataclasses.replace(tls, authority="processor.internal")
-        with running_proxy(upstream.address, target, processor_channel=named) as proxy:
+        named = {**tls, "processor_authority": "processor.internal"}
+        with running_proxy(upstream.address, target, **named) as proxy:
             assert processed(request(proxy.address, "GET", "/hello"))
-        with running_proxy(upstream.address, target, processor_channel=tls) as proxy:
+        with running_proxy(upstream.address, target, **tls) as proxy:
             assert request(proxy.address, "GET", "/hello").status == 500
 
 
 def test_mtls_without_a_client_certificate_fails(pki: Pki, upstream: EchoUpstream) -> None:
-    flags = ChannelFlags(ca=str(pki.ca.cert))
+    flags: dict[str, Any] = {"processor_ca": str(pki.ca.cert)}
     with (
         mtls_processor(pki.server, pki.ca.cert) as port,
-        running_proxy(upstream.address, f"127.0.0.1:{port}", processor_channel=flags) as proxy,
+        running_proxy(upstream.address, f"127.0.0.1:{port}", **flags) as proxy,
     ):
         assert request(proxy.address, "GET", "/hello").status == 500
     assert upstream.requests == []
@@ -200,15 +207,13 @@ def test_mtls_without_a_client_certificate_fails(pki: Pki, upstream: EchoUpstrea
 def test_wrong_ca_gets_the_configured_failure_behaviour(
     pki: Pki, upstream: EchoUpstream, allow: bool
 ) -> None:
-    flags = ChannelFlags(
-        ca=str(pki.other_ca.cert), cert=str(pki.client.cert), key=str(pki.client.key)
-    )
+    flags = mtls_flags(pki, pki.other_ca)
     with (
         mtls_processor(pki.server, pki.ca.cert) as port,
         running_proxy(
             upstream.address,
             f"127.0.0.1:{port}",
-            processor_channel=flags,
+            **flags,
             failure_mode_allow=allow,
         ) as proxy,
     ):

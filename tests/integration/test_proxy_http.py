@@ -169,11 +169,8 @@ def test_malformed_requests_get_4xx_and_close(
 
 
 def test_slow_request_head_gets_408(upstream: EchoUpstream, processor: ScriptedProcessor) -> None:
-    from extproc.config import Timeouts
 
-    with running_proxy(
-        upstream.address, processor.address, timeouts=Timeouts(request_headers=0.3)
-    ) as proxy:
+    with running_proxy(upstream.address, processor.address, header_read_timeout=0.3) as proxy:
         data = raw_exchange(proxy.address, b"GET / HTTP/1.1\r\nHost: a\r\n")
     assert status_of(data) == 408
 
@@ -234,10 +231,9 @@ def test_request_retried_when_a_kept_alive_upstream_connection_was_closed(
 def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
     upstream: EchoUpstream, processor: ScriptedProcessor
 ) -> None:
-    from extproc.config import Timeouts
 
     with (
-        running_proxy(upstream.address, processor.address, timeouts=Timeouts(idle=0.3)) as proxy,
+        running_proxy(upstream.address, processor.address, idle_timeout=0.3) as proxy,
         Client(proxy.address) as client,
     ):
         assert client.request("GET", "/").status == 200
@@ -248,11 +244,10 @@ def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
 def test_silent_new_connection_is_dropped_without_holding_a_worker(
     upstream: EchoUpstream, processor: ScriptedProcessor
 ) -> None:
-    from extproc.config import Timeouts
 
     with (
         running_proxy(
-            upstream.address, processor.address, threads=1, timeouts=Timeouts(request_headers=0.5)
+            upstream.address, processor.address, threads=1, header_read_timeout=0.5
         ) as proxy,
         socket.create_connection(proxy.address, timeout=10) as silent,
     ):

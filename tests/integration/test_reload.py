@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from extproc.config import Overrides, ProxyConfig, build_config
+from extproc.config import ProxyConfig, build_config
 from extproc.demo.upstream import EchoUpstream
 from extproc.io.processor import ProcessorClient
 from extproc.io.server import ProxyServer
@@ -204,12 +204,12 @@ def test_old_channel_is_closed_once_its_last_request_ends(upstream: EchoUpstream
         host, port = upstream.address
 
         def load() -> ProxyConfig:
-            flags = Overrides(
-                listen="127.0.0.1:0",
-                upstream=f"{host}:{port}",
-                processor=target["processor"],
-                message_timeout="30s",
-            )
+            flags = {
+                "listen": "127.0.0.1:0",
+                "upstream": f"{host}:{port}",
+                "processor": target["processor"],
+                "message_timeout": "30s",
+            }
             return build_config(None, flags)
 
         reloaded = threading.Event()

@@ -19,10 +19,11 @@ import structlog.testing
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.config import GRPC_CLIENTS, ProcessorSettings
+from extproc.config import ProcessorSettings
 from extproc.errors import ProcessorStreamError, ProcessorTimeout
 from extproc.io import direct_stream, processor
 from extproc.io.processor import ProcessorClient
+from extproc.options import GRPC_CLIENTS
 from tests.support.processor_process import ProcessorProcess
 
 pytestmark = [pytest.mark.integration]

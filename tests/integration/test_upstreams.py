@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from extproc.config import Address, Overrides, UpstreamSettings, build_config
+from extproc.addresses import Address
+from extproc.config import UpstreamSettings, build_config
 from extproc.demo.upstream import EchoUpstream
 from extproc.errors import UpstreamConnectError
 from extproc.io.server import ProxyServer
@@ -26,7 +27,7 @@ CLUSTER = "cluster.upstream."
 @contextmanager
 def proxy_over(upstreams: str, processor: str, **overrides: Any) -> Iterator[ProxyServer]:
     """extproc on 127.0.0.1:0 in front of the comma list ``upstreams``."""
-    flags = Overrides(
+    flags = dict(
         listen="127.0.0.1:0",
         upstream=upstreams,
         processor=processor,

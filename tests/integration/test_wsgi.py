@@ -9,16 +9,19 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
 import h11
 import pytest
+import yaml
 
-from extproc import ExtProcMiddleware, WsgiConfig
+from extproc import ExtProcMiddleware
+from extproc.config import FilterConfig
 from extproc.demo.upstream import pattern
-from extproc.errors import RequestStopped
-from extproc.wsgi import environ_with, request_headers
+from extproc.errors import ConfigError, RequestStopped
+from extproc.wsgi import environ_with, filter_config, request_headers
 from tests.support.bodies import body_reply, duplex, duplex_per_chunk, streamed_body, transform
 from tests.support.gunicorn import running_gunicorn
 from tests.support.processor import (
@@ -106,14 +109,14 @@ def read_body(environ: dict[str, Any]) -> bytes:
 
 
 @contextmanager
-def serving(app: Any, config: WsgiConfig) -> Iterator[tuple[str, int]]:
+def serving(app: Any, config: FilterConfig) -> Iterator[tuple[str, int]]:
     """The app behind the middleware, served by wsgiref (chunked request bodies too)."""
     with serving_wsgi(ExtProcMiddleware(app, config)) as address:
         yield address
 
 
-def config(proc: ScriptedProcessor, **overrides: Any) -> WsgiConfig:
-    return WsgiConfig.from_dict({"message_timeout": "10s"}, processor=proc.address, **overrides)
+def config(proc: ScriptedProcessor, **options: Any) -> FilterConfig:
+    return filter_config({"message_timeout": "10s"}, {"processor": proc.address, **options})
 
 
 def kinds(proc: ScriptedProcessor) -> list[str]:
@@ -183,6 +186,80 @@ def test_response_header_mutation() -> None:
     assert reply.header("x-app") is None
     assert kinds(proc) == ["request_headers", "response_headers"]
     assert app.iterables[0].closed == 1
+
+
+# One line: a file, a dict, or keyword options ---------------------------------------------
+
+
+def tagging(stream: ProcessorStream) -> None:
+    while (message := stream.recv()) is not None:
+        common = None
+        if message.HasField("request_headers"):
+            common = mutate_headers(set_headers=[("x-tagged", "yes")])
+        stream.send(matching_reply(message, common))
+
+
+@pytest.mark.parametrize("form", ["path", "dict", "keywords"])
+def test_the_middleware_in_one_line(form: str, tmp_path: Path) -> None:
+    """``ExtProcMiddleware(app, "filter.yaml")``, ``(app, {...})`` and ``(app, processor=...,
+    ...)`` each run the filter: the processor tags the request, and the SKIP response mode
+    given each way leaves the response unprocessed."""
+    app = App()
+    with ScriptedProcessor(tagging) as proc:
+        ext_proc = {
+            "grpc_service": {"google_grpc": {"target_uri": proc.address}},
+            "message_timeout": "10s",
+            "processing_mode": {"response_header_mode": "SKIP"},
+        }
+        if form == "path":
+            path = tmp_path / "filter.yaml"
+            path.write_text(yaml.safe_dump(ext_proc))
+            middleware = ExtProcMiddleware(app, str(path))
+        elif form == "dict":
+            middleware = ExtProcMiddleware(app, ext_proc)
+        else:
+            middleware = ExtProcMiddleware(
+                app, processor=proc.address, message_timeout="10s", response_header_mode="skip"
+            )
+        with serving_wsgi(middleware) as address:
+            reply = request(address, "GET", "/")
+        assert reply.status == 200
+        assert app.seen[0]["headers"]["HTTP_X_TAGGED"] == "yes"
+        assert kinds(proc) == ["request_headers"]
+        middleware.close()
+
+
+@pytest.mark.parametrize(
+    ("source", "options", "error"),
+    [
+        (
+            {"processing_mode": {"request_body_mode": "GRPC"}},
+            {"processor": "127.0.0.1:1"},
+            "ext_proc.processing_mode.request_body_mode: GRPC is for gRPC traffic",
+        ),
+        ({}, {"processor": "127.0.0.1:1", "message_timeout": "soon"}, "--message-timeout:"),
+        ({}, {}, "--processor: no processor: give --processor or a grpc_service"),
+        (
+            None,
+            {"processor": "127.0.0.1:1", "listen": ":8080"},
+            "--listen: is not an option of the WSGI middleware",
+        ),
+        (None, {"processor": "127.0.0.1:1", "thread": 3}, "--thread: is not an option of extproc"),
+    ],
+)
+def test_bad_middleware_config_names_the_field(
+    source: dict[str, Any] | None, options: dict[str, Any], error: str
+) -> None:
+    """The same errors as the command line's, naming the field or flag."""
+    with pytest.raises(ConfigError) as info:
+        ExtProcMiddleware(App(), source, **options)
+    assert str(info.value).startswith(error)
+
+
+def test_a_missing_file_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        ExtProcMiddleware(App(), "/nonexistent/filter.yaml")
+    assert str(info.value).startswith("--config: cannot read /nonexistent/filter.yaml")
 
 
 # Bodies -------------------------------------------------------------------------------------
@@ -472,7 +549,7 @@ def test_silent_processor_times_out_with_504() -> None:
 
     app = App()
     with ScriptedProcessor(silent) as proc:
-        cfg = WsgiConfig.from_dict({"message_timeout": "0.2s"}, processor=proc.address)
+        cfg = filter_config({"message_timeout": "0.2s"}, {"processor": proc.address})
         with serving(app, cfg) as address:
             reply = request(address, "GET", "/")
     assert reply.status == 504
@@ -495,7 +572,7 @@ def test_full_duplex_both_directions() -> None:
     }
     with (
         ScriptedProcessor(duplex(bytes.upper)) as proc,
-        serving(app, WsgiConfig.from_dict(ext_proc, processor=proc.address)) as address,
+        serving(app, filter_config(ext_proc, {"processor": proc.address})) as address,
     ):
         reply = request(address, "POST", "/pieces", headers=[("x-pieces", "ab,cd")], body=b"up")
     assert (reply.status, reply.body) == (200, b"ABCD")

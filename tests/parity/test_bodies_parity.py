@@ -1492,14 +1492,12 @@ def through_extproc(
     workdir: Path,
     notes: dict[str, Any],
 ) -> Iterator[tuple[str, int]]:
-    # forwarded_for=False matches Envoy's default of not appending X-Forwarded-For.
+    # xff=False matches Envoy's default of not appending X-Forwarded-For.
     extra: dict[str, Any] = {}
     if scenario.buffer_limit is not None:
         extra["buffer_limit_bytes"] = scenario.buffer_limit
     target = f"{processor[0]}:{processor[1]}"
-    with running_proxy(
-        upstream, target, ext_proc=scenario.ext_proc, forwarded_for=False, **extra
-    ) as server:
+    with running_proxy(upstream, target, ext_proc=scenario.ext_proc, xff=False, **extra) as server:
         yield server.address
 
 

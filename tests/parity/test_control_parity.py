@@ -40,7 +40,6 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
-from extproc.config import Timeouts
 from extproc.core import attributes
 from extproc.demo.upstream import EchoUpstream, ReceivedRequest
 from tests.support import parity, rawpeer
@@ -931,19 +930,19 @@ def through_envoy(
 def through_extproc(
     scenario: Scenario, upstream: tuple[str, int], processor: tuple[str, int], workdir: Path
 ) -> Iterator[Run]:
-    # forwarded_for=False matches Envoy's default of not appending X-Forwarded-For. The
+    # xff=False matches Envoy's default of not appending X-Forwarded-For. The
     # message_timeout flag repeats the file's: running_proxy only looks for it at the top of
     # the file, where extproc's own file does not keep it.
     extra: dict[str, Any] = {}
     if scenario.upstream_timeout_s is not None:
-        extra["timeouts"] = Timeouts(upstream=scenario.upstream_timeout_s)
+        extra["upstream_timeout"] = scenario.upstream_timeout_s
     with (
         parity.extproc_log() as logged,
         running_proxy(
             upstream,
             f"{processor[0]}:{processor[1]}",
             ext_proc=extproc_file(scenario),
-            forwarded_for=False,
+            xff=False,
             message_timeout=scenario.ext_proc["message_timeout"],
             **extra,
         ) as server,

@@ -337,9 +337,9 @@ def through_envoy(
 def through_extproc(
     scenario: Scenario, upstream: tuple[str, int], processor: tuple[str, int], workdir: Path
 ) -> Iterator[tuple[str, int]]:
-    # forwarded_for=False matches Envoy's default of not appending X-Forwarded-For.
+    # xff=False matches Envoy's default of not appending X-Forwarded-For.
     target = f"{processor[0]}:{processor[1]}"
-    with running_proxy(upstream, target, ext_proc=scenario.ext_proc, forwarded_for=False) as server:
+    with running_proxy(upstream, target, ext_proc=scenario.ext_proc, xff=False) as server:
         yield server.address
 
 

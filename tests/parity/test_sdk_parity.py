@@ -94,7 +94,7 @@ def observe(case: Case, workdir: Path, envoy: bool) -> dict[str, Any]:
                     upstream.address,
                     f"127.0.0.1:{running.port}",
                     ext_proc=case.ext_proc,
-                    forwarded_for=False,
+                    xff=False,
                 )
             with proxy as server:
                 address = server.address

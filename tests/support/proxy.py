@@ -12,7 +12,7 @@ from typing import Any
 
 import h11
 
-from extproc.config import FileConfig, Overrides, build_config, parse_file_data
+from extproc.config import FileConfig, build_config, parse_file_data
 from extproc.io.server import ProxyServer
 
 TIMEOUT = 10.0
@@ -24,24 +24,25 @@ def running_proxy(
     processor: str | None,
     *,
     ext_proc: dict[str, Any] | None = None,
-    **overrides: Any,
+    **options: Any,
 ) -> Iterator[ProxyServer]:
-    """extproc on 127.0.0.1:0 in front of ``upstream``, with ``ext_proc`` as its filter.
+    """extproc on 127.0.0.1:0 in front of ``upstream``, with ``ext_proc`` as its filter and
+    ``options`` as its flags (extproc.options names).
 
     Envoy's 200 ms message timeout is too short for a loaded test machine: unless the test
     sets one, the processor gets 10 s.
     """
     filter_dict = (ext_proc or {}).get("ext_proc", ext_proc or {})
-    if "message_timeout" not in overrides and not filter_dict.get("message_timeout"):
-        overrides["message_timeout"] = "10s"
+    if "message_timeout" not in options and not filter_dict.get("message_timeout"):
+        options["message_timeout"] = "10s"
     file: FileConfig | None = parse_file_data(ext_proc) if ext_proc is not None else None
-    flags = Overrides(
-        listen="127.0.0.1:0",
-        upstream=f"{upstream[0]}:{upstream[1]}",
-        processor=processor,
-        **overrides,
-    )
-    server = ProxyServer(build_config(file, flags)).start()
+    given = {
+        "listen": "127.0.0.1:0",
+        "upstream": f"{upstream[0]}:{upstream[1]}",
+        "processor": processor,
+        **options,
+    }
+    server = ProxyServer(build_config(file, given)).start()
     try:
         yield server
     finally:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from extproc import ExtProcMiddleware, WsgiConfig
+from extproc import ExtProcMiddleware
 
 
 def _read_body(environ: dict[str, Any]) -> bytes:
@@ -44,8 +44,6 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterabl
 # middleware must open its gRPC channel lazily, in each worker.
 application = ExtProcMiddleware(
     _app,
-    WsgiConfig.from_dict(
-        json.loads(os.environ.get("EXTPROC_TEST_CONFIG", "{}")),
-        processor=os.environ["EXTPROC_TEST_PROCESSOR"],
-    ),
+    json.loads(os.environ.get("EXTPROC_TEST_CONFIG", "{}")),
+    processor=os.environ["EXTPROC_TEST_PROCESSOR"],
 )

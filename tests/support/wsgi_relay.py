@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import h11
 
-from extproc import ExtProcMiddleware, WsgiConfig
+from extproc import ExtProcMiddleware
 from extproc.metrics import Stats
 from extproc.wsgi import environ_wire_headers, request_target
 
@@ -229,12 +229,12 @@ def relaying_middleware(
     processor: tuple[str, int],
     ext_proc: dict[str, Any],
     stats: Stats | None = None,
-    **overrides: Any,
+    **options: Any,
 ) -> Iterator[tuple[tuple[str, int], ExtProcMiddleware]]:
     """ExtProcMiddleware(RelayApp(upstream)) with ``ext_proc`` as its filter, served."""
-    config = WsgiConfig.from_dict(ext_proc, processor=f"{processor[0]}:{processor[1]}", **overrides)
     relay = RelayApp(upstream)
-    middleware = ExtProcMiddleware(relay, config, stats=stats)
+    target = f"{processor[0]}:{processor[1]}"
+    middleware = ExtProcMiddleware(relay, ext_proc, stats=stats, processor=target, **options)
     try:
         with serving_wsgi(middleware) as address:
             yield address, middleware

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from extproc import cli, logs
-from extproc.config import Address, ProxyConfig
+from extproc.addresses import Address
+from extproc.config import ProxyConfig
 
 Served = list[ProxyConfig]
 
@@ -51,9 +52,9 @@ def test_run_is_the_default_command(served: Served) -> None:
     (config,) = served
     assert config.listen == Address("0.0.0.0", 8080)
     assert config.threads == 4 and not config.forwarded_for
-    assert config.exchange.failure_mode_allow
-    assert config.exchange.message_timeout == 0.35
-    mode = config.exchange.processing_mode
+    assert config.filter.exchange.failure_mode_allow
+    assert config.filter.exchange.message_timeout == 0.35
+    mode = config.filter.exchange.processing_mode
     assert mode.request_header_mode == mode.SKIP
 
 
@@ -71,7 +72,7 @@ def test_config_file_and_cluster_flag(served: Served, tmp_path: Path) -> None:
         "proc=127.0.0.1:9001",
     )
     assert result.exit_code == 0, result.output
-    assert served[0].processor.target == "127.0.0.1:9001"
+    assert served[0].filter.processor.target == "127.0.0.1:9001"
 
 
 def test_config_errors_exit_2_naming_the_field(served: Served, tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_admin_flag_and_stat_prefix(served: Served, tmp_path: Path) -> None:
     assert invoke(*base).exit_code == 0
     assert invoke(*base, "--admin", "127.0.0.1:9901").exit_code == 0
     without, with_admin = served
-    assert without.admin is None and without.stat_prefix == "edge"
+    assert without.admin is None and without.filter.stat_prefix == "edge"
     assert with_admin.admin == Address("127.0.0.1", 9901)
 
 
@@ -135,7 +136,7 @@ def test_metadata_header_flag(served: Served) -> None:
         "ns=X-Ext-Proc-DM",
     )
     assert result.exit_code == 0, result.output
-    assert served[0].exchange.metadata_headers == (("ns", b"x-ext-proc-dm"),)
+    assert served[0].filter.exchange.metadata_headers == (("ns", b"x-ext-proc-dm"),)
     bad = invoke(
         "--listen",
         ":1",
@@ -163,6 +164,6 @@ def test_grpc_client_flag(served: Served, monkeypatch: pytest.MonkeyPatch) -> No
     base = ("--listen", ":1", "--upstream", "127.0.0.1:2", "--processor", "h:1")
     assert invoke(*base).exit_code == 0
     assert invoke(*base, "--grpc-client", "stub").exit_code == 0
-    assert [c.processor.grpc_client for c in served] == ["direct", "stub"]
+    assert [c.filter.processor.grpc_client for c in served] == ["direct", "stub"]
     refused = invoke(*base, "--grpc-client", "aio")
     assert refused.exit_code == 2 and "--grpc-client" in refused.output

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
+from extproc.addresses import Address, InheritedSocket, parse_address, parse_listen
 from extproc.config import (
-    Address,
     FileConfig,
-    InheritedSocket,
-    Overrides,
     build_config,
     check_reloadable,
     load_file,
-    parse_address,
-    parse_duration,
     parse_file_data,
     parse_filter,
-    parse_listen,
 )
 from extproc.errors import ConfigError
+from extproc.options import parse_duration
 
-BASE = Overrides(listen=":8080", upstream="127.0.0.1:8000", processor="127.0.0.1:9000")
+BASE = {"listen": ":8080", "upstream": "127.0.0.1:8000", "processor": "127.0.0.1:9000"}
 
 
 def error_of(call: object, *args: object) -> ConfigError:
@@ -150,10 +145,10 @@ def test_google_grpc_target_and_initial_metadata_and_timeout() -> None:
             "ext_proc",
         )
     )
-    config = build_config(file, Overrides(listen=":1", upstream="127.0.0.1:2"))
-    assert config.processor.target == "127.0.0.1:7000"
-    assert config.processor.stream_timeout == 3.0
-    assert config.processor.metadata == (("x-token", "t"),)
+    config = build_config(file, {"listen": ":1", "upstream": "127.0.0.1:2"})
+    assert config.filter.processor.target == "127.0.0.1:7000"
+    assert config.filter.processor.stream_timeout == 3.0
+    assert config.filter.processor.metadata == (("x-token", "t"),)
 
 
 def test_processor_flag_overrides_the_file() -> None:
@@ -162,7 +157,7 @@ def test_processor_flag_overrides_the_file() -> None:
             {"grpc_service": {"google_grpc": {"target_uri": "127.0.0.1:7000"}}}, "ext_proc"
         )
     )
-    assert build_config(file, BASE).processor.target == "127.0.0.1:9000"
+    assert build_config(file, BASE).filter.processor.target == "127.0.0.1:9000"
 
 
 def test_envoy_grpc_cluster_resolved_through_clusters() -> None:
@@ -174,9 +169,9 @@ def test_envoy_grpc_cluster_resolved_through_clusters() -> None:
             "ext_proc": {"grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc_cluster"}}},
         }
     )
-    config = build_config(file, Overrides())
-    assert config.processor.target == "127.0.0.1:9100"
-    assert config.processor.authority == "ext_proc_cluster"
+    config = build_config(file, {})
+    assert config.filter.processor.target == "127.0.0.1:9100"
+    assert config.filter.processor.authority == "ext_proc_cluster"
     assert config.listen == Address("0.0.0.0", 8080)
 
 
@@ -184,7 +179,7 @@ def test_envoy_grpc_unknown_cluster_is_an_error() -> None:
     file = FileConfig(
         filter=parse_filter({"grpc_service": {"envoy_grpc": {"cluster_name": "nope"}}}, "ext_proc")
     )
-    err = error_of(build_config, file, Overrides(listen=":1", upstream="127.0.0.1:2"))
+    err = error_of(build_config, file, {"listen": ":1", "upstream": "127.0.0.1:2"})
     assert err.option == "ext_proc.grpc_service.envoy_grpc.cluster_name"
     assert "--cluster nope=HOST:PORT" in err.message
 
@@ -193,12 +188,12 @@ def test_cluster_flag_resolves_too() -> None:
     file = FileConfig(
         filter=parse_filter({"grpc_service": {"envoy_grpc": {"cluster_name": "c"}}}, "ext_proc")
     )
-    flags = Overrides(listen=":1", upstream="127.0.0.1:2", clusters={"c": "127.0.0.1:5"})
-    assert build_config(file, flags).processor.target == "127.0.0.1:5"
+    flags = {"listen": ":1", "upstream": "127.0.0.1:2", "cluster": {"c": "127.0.0.1:5"}}
+    assert build_config(file, flags).filter.processor.target == "127.0.0.1:5"
 
 
 def test_no_processor_is_an_error() -> None:
-    assert error_of(build_config, None, Overrides(listen=":1", upstream="h:2")).option == (
+    assert error_of(build_config, None, {"listen": ":1", "upstream": "h:2"}).option == (
         "--processor"
     )
 
@@ -218,16 +213,16 @@ def test_flags_override_filter_fields() -> None:
             "ext_proc",
         )
     )
-    flags = Overrides(
-        listen=":1",
-        upstream="127.0.0.1:2",
-        processor="127.0.0.1:3",
-        failure_mode_allow=False,
-        message_timeout="50ms",
-        request_header_mode="send",
-        status_on_error=503,
-    )
-    exchange = build_config(file, flags).exchange
+    flags = {
+        "listen": ":1",
+        "upstream": "127.0.0.1:2",
+        "processor": "127.0.0.1:3",
+        "failure_mode_allow": False,
+        "message_timeout": "50ms",
+        "request_header_mode": "send",
+        "status_on_error": 503,
+    }
+    exchange = build_config(file, flags).filter.exchange
     assert not exchange.failure_mode_allow
     assert exchange.message_timeout == 0.05
     assert exchange.processing_mode.request_header_mode == exchange.processing_mode.SEND
@@ -236,7 +231,7 @@ def test_flags_override_filter_fields() -> None:
 
 def test_status_on_error_outside_4xx_5xx_means_500() -> None:
     file = FileConfig(filter=parse_filter({"status_on_error": {"code": 302}}, "ext_proc"))
-    assert build_config(file, BASE).exchange.status_on_error == 500
+    assert build_config(file, BASE).filter.exchange.status_on_error == 500
 
 
 def test_mutation_rules_are_compiled() -> None:
@@ -251,7 +246,7 @@ def test_mutation_rules_are_compiled() -> None:
             "ext_proc",
         )
     )
-    rules = build_config(file, BASE).exchange.rules
+    rules = build_config(file, BASE).filter.exchange.rules
     assert rules.allow_all_routing
     assert rules.disallow_expression is not None
     assert rules.disallow_expression.fullmatch(b"x-secret-1")
@@ -319,7 +314,7 @@ def test_control_fields_are_built() -> None:
             "metadata_headers": {"a": "X-A-Meta"},
         }
     )
-    exchange = build_config(file, BASE).exchange
+    exchange = build_config(file, BASE).filter.exchange
     assert exchange.observability_mode and exchange.deferred_close_timeout == 1.0
     assert exchange.max_message_timeout == 2.0
     assert exchange.request_attributes == ("request.path",)
@@ -350,16 +345,16 @@ def test_routes_pick_settings_by_prefix_in_order() -> None:
             ],
         }
     )
-    config = build_config(file, Overrides(listen=":1", upstream="127.0.0.1:2"))
-    off, _ = config.for_path(b"/off/x")
+    config = build_config(file, {"listen": ":1", "upstream": "127.0.0.1:2"})
+    off, _ = config.filter.for_path(b"/off/x")
     assert off.processing_mode.request_header_mode == off.processing_mode.SKIP
-    api, processor = config.for_path(b"/api/v1")
+    api, processor = config.filter.for_path(b"/api/v1")
     assert api.failure_mode_allow
     assert api.processing_mode.response_body_mode == api.processing_mode.BUFFERED
     assert api.processing_mode.response_header_mode == 0  # replaced whole, not merged
     assert processor.target == "127.0.0.1:7001"
     assert processor.metadata == (("x-route", "1"),)
-    assert config.for_path(b"/else") == (config.exchange, config.processor)
+    assert config.filter.for_path(b"/else") == (config.filter.exchange, config.filter.processor)
 
 
 @pytest.mark.parametrize(
@@ -387,7 +382,7 @@ def test_route_errors_name_the_entry(routes: object, option: str) -> None:
 def test_metadata_headers_must_name_headers() -> None:
     assert (
         error_of(parse_file_data, {"ext_proc": {}, "metadata_headers": {"ns": "bad name"}}).option
-        == "metadata_headers"
+        == "metadata_headers.ns"
     )
 
 
@@ -413,14 +408,14 @@ def test_parse_listen_fd_errors_name_the_option(value: str) -> None:
 
 
 def test_listen_fd_in_a_built_config() -> None:
-    config = build_config(None, dataclasses.replace(BASE, listen="fd://3"))
+    config = build_config(None, {**BASE, "listen": "fd://3"})
     assert config.listen == InheritedSocket(3)
 
 
 def test_reload_may_change_the_filter_processor_and_upstream() -> None:
     running = build_config(None, BASE)
     file = parse_file_data({"ext_proc": {"failure_mode_allow": True}, "upstream": "10.0.0.1:80"})
-    flags = dataclasses.replace(BASE, upstream=None, processor="10.0.0.2:9000")
+    flags = {**BASE, "upstream": None, "processor": "10.0.0.2:9000"}
     check_reloadable(running, build_config(file, flags))
 
 
@@ -435,7 +430,7 @@ def test_reload_may_change_the_filter_processor_and_upstream() -> None:
 )
 def test_reload_refuses_what_only_a_restart_applies(change: dict[str, object], option: str) -> None:
     running = build_config(None, BASE)
-    new = build_config(None, dataclasses.replace(BASE, **change))  # type: ignore[arg-type]
+    new = build_config(None, {**BASE, **change})
     err = error_of(check_reloadable, running, new)
     assert err.option == option and "restart" in err.message
 
@@ -445,27 +440,6 @@ def test_reload_refuses_a_new_stat_prefix() -> None:
     new = build_config(parse_file_data({"stat_prefix": "other"}), BASE)
     err = error_of(check_reloadable, running, new)
     assert err.option == "ext_proc.stat_prefix"
-
-
-def test_grpc_client_flag_over_file_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The processor client: --grpc-client, then the file's grpc_client, then
-    $EXTPROC_GRPC_CLIENT, then direct; every route's processor uses the same one."""
-    monkeypatch.delenv("EXTPROC_GRPC_CLIENT", raising=False)
-    file = parse_file_data(
-        {
-            "ext_proc": {},
-            "routes": [{"prefix": "/a", "overrides": {"failure_mode_allow": True}}],
-        }
-    )
-    assert build_config(file, BASE).processor.grpc_client == "direct"
-    monkeypatch.setenv("EXTPROC_GRPC_CLIENT", "stub")
-    config = build_config(file, BASE)
-    assert config.processor.grpc_client == "stub"
-    assert config.routes[0].processor.grpc_client == "stub"
-    from_file = parse_file_data({"ext_proc": {}, "grpc_client": "direct"})
-    assert build_config(from_file, BASE).processor.grpc_client == "direct"
-    flag = dataclasses.replace(BASE, grpc_client="stub")
-    assert build_config(from_file, flag).processor.grpc_client == "stub"
 
 
 @pytest.mark.parametrize(
@@ -479,7 +453,7 @@ def test_an_unknown_grpc_client_is_refused_by_name(
     if where == "file":
         err = error_of(parse_file_data, {"ext_proc": {}, "grpc_client": "aio"})
     elif where == "flag":
-        err = error_of(build_config, None, dataclasses.replace(BASE, grpc_client="aio"))
+        err = error_of(build_config, None, {**BASE, "grpc_client": "aio"})
     else:
         monkeypatch.setenv("EXTPROC_GRPC_CLIENT", "aio")
         err = error_of(build_config, None, BASE)

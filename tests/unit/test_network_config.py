@@ -10,14 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from extproc import cli, logs
+from extproc.addresses import Address
 from extproc.channels import ChannelFlags, channel_setup, check_target
-from extproc.config import (
-    Address,
-    Overrides,
-    ProxyConfig,
-    build_config,
-    parse_file_data,
-)
+from extproc.config import ProxyConfig, build_config, parse_file_data
 from extproc.errors import ConfigError
 
 ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
@@ -32,7 +27,7 @@ def error_of(call: Any, *args: Any, **kwargs: Any) -> ConfigError:
 def build(processor: str | None = "127.0.0.1:9000", ext_proc: Any = None, **kw: Any) -> ProxyConfig:
     file = parse_file_data(ext_proc) if ext_proc is not None else None
     upstream = kw.pop("upstream", "127.0.0.1:80")
-    flags = Overrides(listen=":8080", upstream=upstream, processor=processor, **kw)
+    flags = dict(listen=":8080", upstream=upstream, processor=processor, **kw)
     return build_config(file, flags)
 
 
@@ -106,14 +101,14 @@ def test_google_grpc_channel_args_pass_through_and_flags_win() -> None:
         },
     }
     config = build(None, {"grpc_service": {"google_grpc": google}})
-    args = dict(config.processor.channel_args)
+    args = dict(config.filter.processor.channel_args)
     assert args == {"grpc.lb_policy_name": "pick_first", "grpc.keepalive_time_ms": 30000}
     flagged = build(
         None,
         {"grpc_service": {"google_grpc": google}},
-        processor_channel=ChannelFlags(keepalive_time=5),
+        processor_keepalive_time=5,
     )
-    assert dict(flagged.processor.channel_args)["grpc.keepalive_time_ms"] == 5000
+    assert dict(flagged.filter.processor.channel_args)["grpc.keepalive_time_ms"] == 5000
 
 
 def test_channel_arg_without_a_value_is_refused() -> None:
@@ -141,28 +136,30 @@ def test_clusters_take_any_target() -> None:
             "ext_proc": {"grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}}},
         },
     )
-    assert config.processor.target == "ipv4:127.0.0.1:1,127.0.0.1:2"
-    assert config.processor.authority == "ext_proc"
+    assert config.filter.processor.target == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert config.filter.processor.authority == "ext_proc"
 
 
 def test_processor_tls_flags(tmp_path: Path) -> None:
     pem = tmp_path / "x.pem"
     pem.write_text("not checked until the channel connects")
-    config = build(processor_channel=ChannelFlags(ca=str(pem), authority="p.internal"))
-    assert config.processor.credentials is not None
-    assert config.processor.authority == "p.internal"
-    assert dict(config.processor.channel_args)["grpc.ssl_target_name_override"] == "p.internal"
-    half = ChannelFlags(ca=str(pem), cert=str(pem))
-    assert error_of(build, processor_channel=half).option == "--processor-cert"
-    missing = ChannelFlags(ca=str(tmp_path / "missing.pem"))
-    assert error_of(build, processor_channel=missing).option == "--processor-ca"
+    config = build(processor_ca=str(pem), processor_authority="p.internal")
+    assert config.filter.processor.credentials is not None
+    assert config.filter.processor.authority == "p.internal"
+    assert (
+        dict(config.filter.processor.channel_args)["grpc.ssl_target_name_override"] == "p.internal"
+    )
+    half = error_of(build, processor_ca=str(pem), processor_cert=str(pem))
+    assert half.option == "--processor-cert"
+    missing = error_of(build, processor_ca=str(tmp_path / "missing.pem"))
+    assert missing.option == "--processor-ca"
 
 
 def test_authority_without_tls_is_only_the_authority() -> None:
-    config = build(processor_channel=ChannelFlags(authority="p.internal"))
-    assert config.processor.credentials is None
-    assert config.processor.authority == "p.internal"
-    assert "grpc.ssl_target_name_override" not in dict(config.processor.channel_args)
+    config = build(processor_authority="p.internal")
+    assert config.filter.processor.credentials is None
+    assert config.filter.processor.authority == "p.internal"
+    assert "grpc.ssl_target_name_override" not in dict(config.filter.processor.channel_args)
 
 
 def test_upstream_comma_list_and_file_list() -> None:
@@ -176,12 +173,13 @@ def test_upstream_comma_list_and_file_list() -> None:
     file = parse_file_data(
         {"upstream": ["10.0.0.1:80", "10.0.0.2:80"], "ext_proc": {}, "processor": "p:1"}
     )
-    assert file.upstream == "10.0.0.1:80,10.0.0.2:80"
+    config = build_config(file, {"listen": ":1"}, {})
+    assert config.upstream.addresses == (Address("10.0.0.1", 80), Address("10.0.0.2", 80))
 
 
 def test_upstream_errors() -> None:
     assert error_of(build, upstream="127.0.0.1:1,").option == "--upstream"
-    error = error_of(build, upstream_ejection=(10.0, 5.0))
+    error = error_of(build, upstream_ejection_time=10.0, upstream_max_ejection_time=5.0)
     assert error.option == "--upstream-ejection-time"
 
 
@@ -222,9 +220,9 @@ def test_cli_network_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     (config,) = served
     assert [a.port for a in config.upstream.addresses] == [1, 2, 3]
     assert (config.upstream.ejection_time, config.upstream.max_ejection_time) == (5.0, 60.0)
-    assert config.processor.target == "dns:///processors:9000"
-    assert config.processor.credentials is not None
-    args = dict(config.processor.channel_args)
+    assert config.filter.processor.target == "dns:///processors:9000"
+    assert config.filter.processor.credentials is not None
+    args = dict(config.filter.processor.channel_args)
     assert args["grpc.keepalive_time_ms"] == 30000
     assert "pick_first" in str(args["grpc.service_config"])
 
