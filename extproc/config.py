@@ -24,6 +24,7 @@ from envoy.config.core.v3 import grpc_service_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from google.protobuf import json_format
 
+from extproc import v3alpha
 from extproc.addresses import Address, InheritedSocket
 from extproc.channels import ChannelArgs, ChannelFlags, channel_setup, check_target
 from extproc.core import attributes
@@ -80,7 +81,8 @@ class ProcessorSettings:
     authority: str | None = None
     # gRPC channel arguments: LB policy, keepalive, google_grpc.channel_args (extproc.channels).
     channel_args: ChannelArgs = ()
-    grpc_client: str = "direct"  # Options.grpc_client: direct or stub (extproc.io.processor)
+    grpc_client: str = _DEFAULT.grpc_client  # direct or stub (extproc.io.processor)
+    api: str = _DEFAULT.processor_api  # the Process method's version (extproc.apis)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,8 @@ def parse_file_data(data: Mapping[str, Any]) -> FileConfig:
 
 
 def parse_filter(data: Any, where: str) -> ext_proc_pb2.ExternalProcessor:
-    """An ExternalProcessor from its proto3 JSON form, bare or as an Envoy http_filters entry."""
+    """An ExternalProcessor from its proto3 JSON form, bare or as an Envoy http_filters entry;
+    a v3alpha one (extproc.v3alpha) is read as the v3 message it became."""
     if not isinstance(data, dict):
         raise ConfigError(where, "expected a mapping (the ExternalProcessor message)")
     if "typed_config" in data:
@@ -198,9 +201,17 @@ def parse_filter(data: Any, where: str) -> ext_proc_pb2.ExternalProcessor:
         if not isinstance(data, dict):
             raise ConfigError(where, "expected a mapping")
     if "@type" in data:
-        if data["@type"] != FILTER_TYPE:
-            raise ConfigError(f"{where}.@type", f"expected {FILTER_TYPE}, got {data['@type']!r}")
-        data = {k: v for k, v in data.items() if k != "@type"}
+        if data["@type"] not in (FILTER_TYPE, v3alpha.FILTER_TYPE):
+            raise ConfigError(
+                f"{where}.@type",
+                f"expected {FILTER_TYPE} (or the v3alpha type), got {data['@type']!r}",
+            )
+        if data["@type"] == v3alpha.FILTER_TYPE:
+            data = v3alpha.to_v3({k: v for k, v in data.items() if k != "@type"}, where)
+        else:
+            data = {k: v for k, v in data.items() if k != "@type"}
+    elif v3alpha.looks_v3alpha(data):
+        data = v3alpha.to_v3(data, where)
     message = ExternalProcessor()
     try:
         json_format.ParseDict(data, message)
@@ -329,6 +340,7 @@ def _processor_settings(
     processor_flag: str | None,
     channel: ChannelFlags,
     grpc_client: str,
+    api: str,
 ) -> ProcessorSettings:
     metadata = tuple(
         (hv.key.lower(), hv.raw_value.decode() if hv.raw_value else hv.value)
@@ -370,6 +382,7 @@ def _processor_settings(
         setup.authority,
         setup.channel_args,
         grpc_client,
+        api,
     )
 
 
@@ -454,6 +467,7 @@ def build_filter(file: FileConfig | None, options: Options) -> FilterConfig:
             options.processor,
             channel,
             options.grpc_client,
+            options.processor_api,
         )
 
     routes = []

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.addresses import Address, InheritedSocket, parse_address, parse_listen
+from extproc.apis import API_VERSIONS, DEFAULT_API
 from extproc.channels import check_target
 from extproc.core.mutations import HeaderLimits, name_is_valid
 from extproc.core.settings import DEFAULT_BUFFER_LIMIT
@@ -311,6 +312,13 @@ class Options:
         "How each Process stream is driven: direct (from the worker thread, no thread per"
         " stream) or stub (grpc's synchronous stub fed by a queue).",
         choice(*GRPC_CLIENTS),
+        _F,
+    )
+    processor_api: str = option(
+        DEFAULT_API,
+        "The ext_proc API the processor serves: v3 (Envoy's) or v3alpha (the API before it,"
+        " for processors that register /envoy.service.ext_proc.v3alpha.ExternalProcessor/Process).",
+        choice(*API_VERSIONS),
         _F,
     )
     processor_ca: str | None = option(

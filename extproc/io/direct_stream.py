@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf.message import DecodeError
 
+from extproc.apis import process_method
 from extproc.errors import ProcessorStreamError, ProcessorTimeout
 from extproc.io import pumped
 from extproc.io.watchdog import Watchdog
@@ -43,7 +44,6 @@ from extproc.io.watchdog import Watchdog
 if TYPE_CHECKING:
     from extproc.io.processor import ProcessorClient
 
-METHOD = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 # Batch tags: what a completed event was. EXCHANGE sends a message and receives the next one.
 _SEND, _RECV, _EXCHANGE, _STATUS, _CLOSE = "send", "recv", "exchange", "status", "close"
 # An empty batch: it completes at once, behind every batch that completed before it started.
@@ -84,8 +84,9 @@ cygrpc: Any = importlib.import_module("grpc._cython.cygrpc") if SUPPORTED else N
 def opener(client: ProcessorClient) -> Callable[[], DirectStream]:
     # grpc.Channel keeps its cygrpc channel as _channel; the stub's calls are made on it too.
     channel: Any = client.channel._channel  # type: ignore[attr-defined]
-    handle = channel.get_registered_call_handle(METHOD)
-    return lambda: DirectStream(client, channel, handle)
+    method = process_method(client.settings.api).encode()
+    handle = channel.get_registered_call_handle(method)
+    return lambda: DirectStream(client, channel, method, handle)
 
 
 class DirectStream:
@@ -94,6 +95,7 @@ class DirectStream:
     __slots__ = (
         "_client",
         "_channel",
+        "_method",
         "_handle",
         "_call",
         "_lock",
@@ -111,9 +113,10 @@ class DirectStream:
         "_metadata_asked",
     )
 
-    def __init__(self, client: ProcessorClient, channel: Any, handle: int) -> None:
+    def __init__(self, client: ProcessorClient, channel: Any, method: bytes, handle: int) -> None:
         self._client = client
         self._channel = channel
+        self._method = method
         self._handle = handle
         self._call: Any = None
         # Guards the bookkeeping below once a pump thread takes the events.
@@ -173,7 +176,7 @@ class DirectStream:
             first, tag = (*first, *self._receive_ops()), _EXCHANGE
         self._call = self._channel.segregated_call(
             cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS,
-            METHOD,
+            self._method,
             None,
             None if timeout is None else time.time() + timeout,
             metadata,

@@ -25,6 +25,7 @@ import grpc
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.apis import other_api, process_method
 from extproc.config import ProcessorSettings
 from extproc.io import direct_stream, stub_stream
 from extproc.io.watchdog import Watchdog
@@ -102,6 +103,7 @@ class ProcessorClient:
                 settings.target, settings.credentials, options=options
             )
         self.watchdog = Watchdog()
+        self._told_unimplemented = False
         # Pump threads are started on demand and reused: none is started per request.
         self.pumps = ThreadPoolExecutor(max_streams, thread_name_prefix="extproc-pump")
         self._open = (
@@ -110,6 +112,21 @@ class ProcessorClient:
 
     def open_stream(self) -> ProcessorStream:
         return self._open()
+
+    def unimplemented(self) -> None:
+        """A stream ended UNIMPLEMENTED: the processor does not serve the method called. Said
+        once per client, with the likely cause, beside each request's processor_stream_error."""
+        if self._told_unimplemented:
+            return
+        self._told_unimplemented = True
+        api = self.settings.api
+        log.error(
+            "processor_api_mismatch",
+            target=self.settings.target,
+            method=process_method(api),
+            hint=f"the processor does not serve this method; if it serves the {other_api(api)}"
+            f" API, run extproc with --processor-api {other_api(api)}",
+        )
 
     def close(self) -> None:
         self.watchdog.stop()

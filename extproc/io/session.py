@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.config import ProcessorSettings
@@ -21,6 +22,7 @@ from extproc.io.processor import ProcessorClient, ProcessorStream
 
 # An untimed wait (FULL_DUPLEX_STREAMED replies) still has a bound: nothing hangs.
 UNTIMED_WAIT = 300.0
+_UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
 
 
 class ProcessorSource(Protocol):
@@ -109,6 +111,8 @@ class ProcessorSession:
             phase = "message_timeout"
         except ProcessorStreamError as err:
             event = ProcessorClosed(err.code, err.details)
+            if err.code == _UNIMPLEMENTED and self.client is not None:
+                self.client.unimplemented()
         waited = time.monotonic() - started
         record = self._record
         record.processor_time += waited

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from extproc.apis import process_method
 from extproc.errors import ProcessorStreamError, ProcessorTimeout
 from extproc.io import pumped
 from extproc.io.watchdog import Watchdog
@@ -25,8 +25,13 @@ if TYPE_CHECKING:
 
 
 def opener(client: ProcessorClient) -> Callable[[], StubStream]:
-    process = ep_grpc.ExternalProcessorStub(client.channel).Process
     settings = client.settings
+    # What the generated stub does, on the method path of the processor's API version.
+    process = client.channel.stream_stream(
+        process_method(settings.api),
+        request_serializer=ep.ProcessingRequest.SerializeToString,
+        response_deserializer=ep.ProcessingResponse.FromString,
+    )
 
     def start_call(requests: Iterator[ep.ProcessingRequest]) -> Any:
         # A grpc _MultiThreadedRendezvous: both the response iterator and the call.

@@ -16,6 +16,7 @@ from types import FrameType
 
 import click
 
+from extproc.apis import API_VERSIONS
 from extproc.processor.base import Processor
 from extproc.processor.service import RunningServer, serve
 
@@ -74,11 +75,20 @@ def _stop_on_signals(running: RunningServer, grace: float) -> None:
     show_default=True,
     help="Seconds open streams get to finish on SIGTERM.",
 )
-def command(target: str, listen: str, workers: int, grace: float) -> None:
+@click.option(
+    "--api",
+    type=click.Choice([*API_VERSIONS, "both"]),
+    default="both",
+    show_default=True,
+    help="The ext_proc API versions served: v3 (Envoy 1.20 and later, extproc's default),"
+    " v3alpha (older Envoys, extproc --processor-api v3alpha), or both.",
+)
+def command(target: str, listen: str, workers: int, grace: float, api: str) -> None:
     """Serve the Processor subclass TARGET (module:Class) as an ext_proc gRPC processor."""
     processor = load_processor(target)
+    apis = API_VERSIONS if api == "both" else (api,)
     try:
-        running = serve(processor, listen_address(listen), workers=workers)
+        running = serve(processor, listen_address(listen), workers=workers, apis=apis)
     except RuntimeError as err:
         click.echo(f"extproc-processor: error: {err}", err=True)
         sys.exit(EXIT_STARTUP)

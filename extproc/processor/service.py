@@ -18,10 +18,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.apis import API_VERSIONS, DEFAULT_API, service_name
 from extproc.processor.base import Processor
 from extproc.processor.dispatch import StreamDispatcher
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 _log = logging.getLogger("extproc.processor")
 
 ProcessorSource = Processor | type[Processor] | Callable[[], Processor]
@@ -87,31 +87,62 @@ class RunningServer:
         self.stop(grace=1.0)
 
 
-def _enable_reflection(server: grpc.Server) -> bool:
+def _enable_reflection(server: grpc.Server, services: tuple[str, ...]) -> bool:
     # Reflection is a convenience (grpcurl); grpcio-reflection is not a dependency.
     if importlib.util.find_spec("grpc_reflection") is None:
         return False
     reflection = importlib.import_module("grpc_reflection.v1alpha.reflection")
-    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     return True
 
 
-def serve(processor: ProcessorSource, address: str, *, workers: int = 16) -> RunningServer:
+def _add_servicer(servicer: ProcessorServicer, server: grpc.Server, api: str) -> None:
+    if api == DEFAULT_API:
+        ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        return
+    # Another version's service name over the same messages (extproc.apis): what the generated
+    # registration does, under that name.
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Process,
+        request_deserializer=ep.ProcessingRequest.FromString,
+        response_serializer=ep.ProcessingResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service_name(api), {"Process": handler}),)
+    )
+
+
+def serve(
+    processor: ProcessorSource,
+    address: str,
+    *,
+    workers: int = 16,
+    apis: tuple[str, ...] = API_VERSIONS,
+) -> RunningServer:
     """Start serving ``processor`` on ``address`` ("127.0.0.1:0" picks a port).
 
-    Also registers the standard ``grpc.health.v1.Health`` service, SERVING both overall ("")
-    and for the ExternalProcessor service. Raises RuntimeError if the address cannot be bound.
+    The processor is registered under the service name of each API version in ``apis``
+    (extproc.apis; by default v3 and v3alpha), so Envoy 1.40, an Envoy from before 1.20 and
+    extproc with either ``--processor-api`` all reach it. Also registers the standard
+    ``grpc.health.v1.Health`` service, SERVING overall ("") and for each ExternalProcessor
+    service. Raises RuntimeError if the address cannot be bound, ValueError for an unknown API.
     """
+    unknown = sorted(set(apis) - set(API_VERSIONS))
+    if unknown or not apis:
+        raise ValueError(f"apis must be some of {', '.join(API_VERSIONS)}, got {apis!r}")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    ep_grpc.add_ExternalProcessorServicer_to_server(ProcessorServicer(processor), server)
+    servicer = ProcessorServicer(processor)
+    for api in apis:
+        _add_servicer(servicer, server, api)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    _enable_reflection(server)
+    services = tuple(service_name(api) for api in apis)
+    _enable_reflection(server, services)
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
-    for name in ("", SERVICE_NAME):
+    for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.start()
     return RunningServer(server, port, health_servicer)

@@ -24,9 +24,10 @@ from examples.json_only import JsonOnlyProcessor
 from examples.json_rewrite import JsonRewriteProcessor
 from examples.redact import RedactProcessor
 from examples.response_headers import SECURITY_HEADERS, ResponseHeadersProcessor
+from extproc.apis import service_name
 from extproc.demo.upstream import EchoUpstream
 from extproc.processor import Body, Decision, Headers, Processor, StreamContext
-from extproc.processor.service import SERVICE_NAME, RunningServer, serve
+from extproc.processor.service import RunningServer, serve
 from extproc.processor.testing import request_headers
 from tests.support.proxy import REPO, Client, request, running_proxy
 
@@ -177,7 +178,7 @@ def test_health_reports_serving() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             # Any: the health stubs' typing does not declare the generated methods.
             stub: Any = health_pb2_grpc.HealthStub(channel)
-            for service in ("", SERVICE_NAME):
+            for service in ("", service_name("v3"), service_name("v3alpha")):
                 answer = stub.Check(
                     health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT_S
                 )
