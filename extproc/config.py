@@ -31,6 +31,7 @@ from extproc.core import attributes
 from extproc.core.mutations import HeaderLimits
 from extproc.core.settings import ExchangeSettings
 from extproc.errors import ConfigError
+from extproc.http_service import HttpTransport, http_transport
 from extproc.options import FILE_SPECS, Options, Scope
 from extproc.routes import RouteSpec, effective_filter, parse_routes
 
@@ -83,6 +84,9 @@ class ProcessorSettings:
     channel_args: ChannelArgs = ()
     grpc_client: str = _DEFAULT.grpc_client  # direct or stub (extproc.io.processor)
     api: str = _DEFAULT.processor_api  # the Process method's version (extproc.apis)
+    # Envoy's http_service: each event POSTed as JSON instead of a gRPC stream; then target
+    # only names the processor in logs.
+    http: HttpTransport | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +245,7 @@ def _explain_parse_error(text: str) -> tuple[list[str], str]:
 _SUPPORTED_FIELDS = frozenset(
     {
         "grpc_service",
+        "http_service",
         "failure_mode_allow",
         "processing_mode",
         "message_timeout",
@@ -273,6 +278,8 @@ def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
         if descriptor.name not in _SUPPORTED_FIELDS:
             raise ConfigError(f"ext_proc.{descriptor.name}", "is not supported by extproc")
     _check_mode(message.processing_mode, "ext_proc.processing_mode", filter_level=True)
+    if message.HasField("http_service"):
+        _check_http_service(message)
     for i, mode in enumerate(message.allowed_override_modes):
         _check_mode(mode, f"ext_proc.allowed_override_modes[{i}]", filter_level=False)
     _check_attributes_and_metadata(message)
@@ -292,6 +299,32 @@ def check_supported(message: ext_proc_pb2.ExternalProcessor) -> None:
                 f"ext_proc.grpc_service.google_grpc.{descriptor.name}",
                 "is not supported by extproc",
             )
+
+
+def _check_http_service(message: ext_proc_pb2.ExternalProcessor) -> None:
+    """Envoy's rules for the HTTP transport, which carries header events only."""
+    if message.HasField("grpc_service"):
+        raise ConfigError(
+            "ext_proc.http_service", "exactly one of grpc_service and http_service (as in Envoy)"
+        )
+    mode = message.processing_mode
+    for direction in ("request", "response"):
+        if getattr(mode, f"{direction}_body_mode") != mode.NONE:
+            raise ConfigError(
+                f"ext_proc.processing_mode.{direction}_body_mode",
+                "must be NONE with http_service, which carries header events only (as in Envoy)",
+            )
+        if getattr(mode, f"{direction}_trailer_mode") == mode.SEND:
+            raise ConfigError(
+                f"ext_proc.processing_mode.{direction}_trailer_mode",
+                "cannot be SEND with http_service, which carries header events only (as in Envoy)",
+            )
+    if message.observability_mode:
+        raise ConfigError(
+            "ext_proc.observability_mode",
+            "is not supported with http_service: Envoy cancels each event's POST when the next"
+            " one goes, so what the processor receives would depend on timing",
+        )
 
 
 def _check_attributes_and_metadata(message: ext_proc_pb2.ExternalProcessor) -> None:
@@ -335,13 +368,23 @@ def _check_mode(mode: Any, where: str, filter_level: bool) -> None:
 
 
 def _processor_settings(
-    service: grpc_service_pb2.GrpcService,
+    message: ext_proc_pb2.ExternalProcessor,
     clusters: Mapping[str, str],
     processor_flag: str | None,
     channel: ChannelFlags,
     grpc_client: str,
     api: str,
 ) -> ProcessorSettings:
+    if message.HasField("http_service"):
+        if processor_flag is not None:
+            raise ConfigError(
+                "--processor",
+                "is a gRPC target, and this filter's processor is its http_service: drop"
+                " --processor, or configure a grpc_service instead",
+            )
+        transport = http_transport(message.http_service, clusters, channel)
+        return ProcessorSettings(f"{transport.host}:{transport.port}", http=transport)
+    service = message.grpc_service
     metadata = tuple(
         (hv.key.lower(), hv.raw_value.decode() if hv.raw_value else hv.value)
         for hv in service.initial_metadata
@@ -462,7 +505,7 @@ def build_filter(file: FileConfig | None, options: Options) -> FilterConfig:
 
     def processor_settings(filter_message: ext_proc_pb2.ExternalProcessor) -> ProcessorSettings:
         return _processor_settings(
-            filter_message.grpc_service,
+            filter_message,
             options.cluster,
             options.processor,
             channel,

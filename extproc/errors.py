@@ -40,6 +40,11 @@ class ProcessorStreamError(ProcessorError):
         self.details = details
 
 
+class ProcessorHttpError(ProcessorError):
+    """An http_service processor's POST failed: not 200, no JSON ProcessingResponse, its
+    connection lost, or its http_uri.timeout passed."""
+
+
 class UpstreamError(ExtProcError):
     """The upstream could not be reached or broke before its response head."""
 

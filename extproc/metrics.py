@@ -539,7 +539,8 @@ def _record_ext_proc(c: ExtProcCounters, record: RequestRecord) -> None:
     closed and half-closed; with an error it counts as failed and half-closed, and when that
     error fails open Envoy then treats it as an OK close, counting closed and half-closed
     again. A stream the processor did not end is closed by the proxy."""
-    started = record.stream_started
+    # The HTTP transport has no stream: Envoy counts its messages, not streams.
+    started = record.stream_started and not record.over_http
     failed = record.stream_error is not None
     half_closed = record.ending in (Ending.PROCESSOR_CLOSED, Ending.STREAM_ERROR)
     closed_by_proxy = started and not half_closed
@@ -561,6 +562,7 @@ def _record_ext_proc(c: ExtProcCounters, record: RequestRecord) -> None:
         (c.override_message_timeout_ignored, record.override_timeout_ignored),
         (c.immediate_responses_sent, int(immediate)),
         (c.server_half_closed, half_closed + error_failed_open),
+        (c.http_not_ok_resp_received, int(record.ending is Ending.HTTP_ERROR)),
     ):
         if amount:
             counter.inc(amount)

@@ -86,6 +86,13 @@ def effective_filter(
             raise ConfigError(f"{where}.overrides.{descriptor.name}", "is not supported by extproc")
     if overrides.HasField("processing_mode"):
         merged.processing_mode.CopyFrom(overrides.processing_mode)
+    switches = overrides.HasField("grpc_service") or bool(overrides.grpc_initial_metadata)
+    if base.HasField("http_service") and switches:
+        name = "grpc_service" if overrides.HasField("grpc_service") else "grpc_initial_metadata"
+        raise ConfigError(
+            f"{where}.overrides.{name}",
+            "the filter's processor is its http_service: a route cannot switch it to gRPC",
+        )
     if overrides.HasField("grpc_service"):
         merged.grpc_service.CopyFrom(overrides.grpc_service)
     if overrides.HasField("failure_mode_allow"):

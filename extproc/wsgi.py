@@ -57,7 +57,7 @@ from extproc.core.events import (
 from extproc.core.record import RequestRecord
 from extproc.core.settings import ExchangeSettings
 from extproc.errors import ConfigError, ExchangeAborted, RequestStopped
-from extproc.io.processor import ProcessorClient
+from extproc.io.clients import Client, open_client
 from extproc.io.request_ids import new_request_id
 from extproc.io.request_loop import BodyPiece, open_loop, wall_clock
 from extproc.metrics import Stats
@@ -119,10 +119,10 @@ class ExtProcMiddleware:
         self.config = filter_config(config, options)
         self.stats = stats if stats is not None else Stats(self.config.stat_prefix)
         self._lock = threading.Lock()
-        self._clients: dict[ProcessorSettings, ProcessorClient] = {}
+        self._clients: dict[ProcessorSettings, Client] = {}
         self._pid = os.getpid()
 
-    def processor(self, settings: ProcessorSettings) -> ProcessorClient:
+    def processor(self, settings: ProcessorSettings) -> Client:
         """The process's channel to ``settings``, created on first use.
 
         Lazily, because pre-forking servers (gunicorn) import the app in the master: a gRPC
@@ -134,7 +134,7 @@ class ExtProcMiddleware:
                 self._clients, self._pid = {}, os.getpid()
             client = self._clients.get(settings)
             if client is None:
-                client = self._clients[settings] = ProcessorClient(settings)
+                client = self._clients[settings] = open_client(settings)
             return client
 
     def close(self) -> None:

@@ -58,6 +58,14 @@ class ProcessorClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessorHttpFailed:
+    """An http_service processor's POST failed: not 200, no JSON ProcessingResponse in the
+    body, its connection lost, or its http_uri.timeout passed. ``reason`` says which."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageTimedOut:
     pass
 
@@ -68,6 +76,7 @@ Event = (
     | TrailersReceived
     | ProcessorReplied
     | ProcessorClosed
+    | ProcessorHttpFailed
     | MessageTimedOut
 )
 

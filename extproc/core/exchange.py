@@ -48,6 +48,7 @@ from extproc.core.events import (
     ForwardTrailers,
     HeadersReceived,
     ProcessorClosed,
+    ProcessorHttpFailed,
     ProcessorReplied,
     RespondFromProxy,
     RespondLocally,
@@ -62,6 +63,8 @@ from extproc.models import Header, Headers
 
 CONTINUE_AND_REPLACE = ep.CommonResponse.CONTINUE_AND_REPLACE
 ERR_LENGTH_MISMATCH = "mismatch_between_content_length_and_the_length_of_the_mutated_body"
+# Envoy's details for any failed POST of the HTTP transport (not 200, bad JSON, timeout, reset).
+_HTTP_ERROR = "ext_proc_error_HTTP_ERROR"
 # Envoy's errors for a body reply of the wrong kind while streamed body replies are awaited.
 SPURIOUS_NORMAL_BODY = (
     "spurious message: Normal body mutation response is received while body_mode_ is "
@@ -252,6 +255,8 @@ class Exchange:
             return self._on_reply(event.response)
         if isinstance(event, ProcessorClosed):
             return self._on_closed(event)
+        if isinstance(event, ProcessorHttpFailed):
+            return self._on_http_failed(event)
         return self._on_timeout()
 
     # Input --------------------------------------------------------------------------------
@@ -907,6 +912,12 @@ class Exchange:
             self.settings.status_on_error,
             _grpc_error_details(event.code, event.details),
         )
+
+    def _on_http_failed(self, event: ProcessorHttpFailed) -> list[Action]:
+        if self.complete:
+            return []
+        self.record.http_failure = event.reason
+        return self._fail(Ending.HTTP_ERROR, self.settings.status_on_error, _HTTP_ERROR)
 
     def _on_timeout(self) -> list[Action]:
         if self.complete:

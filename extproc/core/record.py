@@ -31,6 +31,7 @@ class Ending(enum.Enum):
     BAD_REPLY = "bad_reply"  # spurious, of an unknown kind, or an immediate response disabled
     MUTATION_ERROR = "mutation_error"  # a reply's mutation broke the rules or the body length
     IMMEDIATE_RESPONSE = "immediate_response"
+    HTTP_ERROR = "http_error"  # an http_service processor's POST failed
     # A buffered response body over the limit: Envoy's core answers that 500, not ext_proc.
     RESPONSE_TOO_LARGE = "response_too_large"
 
@@ -58,12 +59,15 @@ class RequestRecord:
     request_too_large: bool = False  # Envoy's core answered 413 for a buffered request body
     # The ending's error as Envoy's details put it, also when it was let through (failed_open).
     fault: str = ""
+    # Why an http_service processor's POST failed (ProcessorHttpFailed.reason), for the log.
+    http_failure: str = ""
     # Envoy's response code details (%RESPONSE_CODE_DETAILS%), written by whoever made the reply;
     # empty for the upstream's own response.
     details: str = ""
     # What the processor returned, by namespace (receiving_namespaces only); made on first use.
     dynamic_metadata: dict[str, struct_pb2.Struct] | None = None
     # The I/O side's part.
+    over_http: bool = False  # an http_service processor: one POST per message, no stream
     status: int = 0  # sent to the client; 0 when nothing was
     bytes_in: int = 0
     bytes_out: int = 0

@@ -32,8 +32,8 @@ from extproc.core.events import (
 )
 from extproc.core.record import RequestRecord
 from extproc.errors import ClientBodyError, ExchangeAborted, UpstreamConnectError
+from extproc.io.clients import Client
 from extproc.io.http1 import Http1Connection
-from extproc.io.processor import ProcessorClient
 from extproc.io.request_ids import new_request_id
 from extproc.io.request_loop import BodyPiece, open_loop, wall_clock
 from extproc.io.upstream import UpstreamPool
@@ -96,7 +96,7 @@ class Generation:
 
     config: ProxyConfig
     pool: UpstreamPool
-    processors: Mapping[ProcessorSettings, ProcessorClient]
+    processors: Mapping[ProcessorSettings, Client]
     ingress: wire.IngressOptions
 
     @classmethod
@@ -104,7 +104,7 @@ class Generation:
         cls,
         config: ProxyConfig,
         pool: UpstreamPool,
-        processors: Mapping[ProcessorSettings, ProcessorClient],
+        processors: Mapping[ProcessorSettings, Client],
     ) -> Generation:
         ingress = wire.IngressOptions(
             scheme=b"http" if config.tls is None else b"https",
@@ -114,7 +114,7 @@ class Generation:
         )
         return cls(config, pool, processors, ingress)
 
-    def processor(self, settings: ProcessorSettings) -> ProcessorClient:
+    def processor(self, settings: ProcessorSettings) -> Client:
         return self.processors[settings]
 
 
@@ -126,7 +126,7 @@ class ConnectionHandler:
         self,
         config: ProxyConfig,
         pool: UpstreamPool,
-        processors: Mapping[ProcessorSettings, ProcessorClient],
+        processors: Mapping[ProcessorSettings, Client],
         stats: Stats | None = None,
     ):
         # Replaced whole by swap(); reading the attribute is atomic, so no lock is needed.

@@ -59,6 +59,7 @@ _FAULT_EVENTS = {
     Ending.BAD_REPLY: ("warning", "processor_spurious_message"),
     Ending.STREAM_ERROR: ("warning", "processor_stream_error"),
     Ending.MUTATION_ERROR: ("error", "processor_mutation_error"),
+    Ending.HTTP_ERROR: ("error", "processor_http_error"),
 }
 
 # A piece of body: its bytes, whether it ends the body, and the trailers that end it instead.
@@ -418,6 +419,8 @@ def _log_fault(record: RequestRecord) -> None:
     }
     if record.stream_error is not None:
         fields["grpc_status"] = record.stream_error
+    if record.http_failure:
+        fields["reason"] = record.http_failure
     getattr(fault_log, level)(event, **fields)
 
 

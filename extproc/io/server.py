@@ -38,8 +38,8 @@ from extproc.config import ProcessorSettings, ProxyConfig, check_reloadable
 from extproc.errors import ConfigError
 from extproc.io import systemd
 from extproc.io.admin import AdminServer
+from extproc.io.clients import Client, open_client
 from extproc.io.driver import ConnectionHandler, Downstream, Generation
-from extproc.io.processor import ProcessorClient
 from extproc.io.tls import TlsConnection, handshake, pending
 from extproc.io.upstream import UpstreamPool
 from extproc.metrics import Stats
@@ -511,10 +511,10 @@ def _adopt_context(context: contextvars.Context) -> None:
 
 
 def _clients(
-    config: ProxyConfig, running: Mapping[ProcessorSettings, ProcessorClient]
-) -> dict[ProcessorSettings, ProcessorClient]:
+    config: ProxyConfig, running: Mapping[ProcessorSettings, Client]
+) -> dict[ProcessorSettings, Client]:
     """A client per processor target of ``config``, reusing the running ones that match."""
     return {
-        settings: running.get(settings) or ProcessorClient(settings, max_streams=config.threads)
+        settings: running.get(settings) or open_client(settings, max_streams=config.threads)
         for settings in config.filter.processors()
     }

@@ -15,9 +15,16 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.config import ProcessorSettings
-from extproc.core.events import Event, MessageTimedOut, ProcessorClosed, ProcessorReplied
+from extproc.core.events import (
+    Event,
+    MessageTimedOut,
+    ProcessorClosed,
+    ProcessorHttpFailed,
+    ProcessorReplied,
+)
 from extproc.core.record import RequestRecord
-from extproc.errors import ProcessorStreamError, ProcessorTimeout
+from extproc.errors import ProcessorHttpError, ProcessorStreamError, ProcessorTimeout
+from extproc.io.clients import Client
 from extproc.io.processor import ProcessorClient, ProcessorStream
 
 # An untimed wait (FULL_DUPLEX_STREAMED replies) still has a bound: nothing hangs.
@@ -29,7 +36,7 @@ class ProcessorSource(Protocol):
     """Where a request's processor client comes from: the proxy's generation, or the WSGI
     middleware (which makes its channels lazily, after a fork)."""
 
-    def processor(self, settings: ProcessorSettings, /) -> ProcessorClient: ...
+    def processor(self, settings: ProcessorSettings, /) -> Client: ...
 
 
 class ProcessorSession:
@@ -56,7 +63,7 @@ class ProcessorSession:
         self._target = target
         self._message_timeout = message_timeout
         self._record = record
-        self.client: ProcessorClient | None = None  # asked for with the first message
+        self.client: Client | None = None  # asked for with the first message
         self.stream: ProcessorStream | None = None
         self.deadline: float | None = None  # when the oldest unanswered message times out
 
@@ -64,6 +71,7 @@ class ProcessorSession:
         if self.stream is None:
             self.client = self._source.processor(self._target)
             self.stream = self.client.open_stream()
+            self._record.over_http = self._target.http is not None
         self.stream.send(request)
         if timed:
             self.deadline = time.monotonic() + self._message_timeout
@@ -111,8 +119,10 @@ class ProcessorSession:
             phase = "message_timeout"
         except ProcessorStreamError as err:
             event = ProcessorClosed(err.code, err.details)
-            if err.code == _UNIMPLEMENTED and self.client is not None:
+            if err.code == _UNIMPLEMENTED and isinstance(self.client, ProcessorClient):
                 self.client.unimplemented()
+        except ProcessorHttpError as err:
+            event = ProcessorHttpFailed(str(err))
         waited = time.monotonic() - started
         record = self._record
         record.processor_time += waited
@@ -131,5 +141,9 @@ class ProcessorSession:
         """Close after ``delay`` (deferred_close_timeout): observability mode lets the stream
         outlive the exchange, so messages still queued reach the processor."""
         stream, self.stream = self.stream, None
-        if stream is not None and self.client is not None:
+        if stream is None:
+            return
+        if isinstance(self.client, ProcessorClient):
             self.client.watchdog.arm(delay, stream.close)
+        else:
+            stream.close()  # an HTTP POST is answered before the next: nothing is queued

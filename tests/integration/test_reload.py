@@ -14,6 +14,7 @@ import pytest
 
 from extproc.config import ProxyConfig, build_config
 from extproc.demo.upstream import EchoUpstream
+from extproc.io.clients import Client
 from extproc.io.processor import ProcessorClient
 from extproc.io.server import ProxyServer
 from tests.support.opsload import Load, Recorder, admin_stats
@@ -183,8 +184,9 @@ def test_reload_to_another_processor(tmp_path: Path, upstream: EchoUpstream) -> 
     assert [p for p, _ in second.streams] == [b"/two"]
 
 
-def _closed(client: ProcessorClient) -> bool:
+def _closed(client: Client) -> bool:
     """Whether the client's channel is closed: gRPC refuses new calls on a closed channel."""
+    assert isinstance(client, ProcessorClient)
     try:
         probe = client.channel.unary_unary("/extproc.test/Probe", None, None)
         call: Any = probe.future(b"", timeout=30)

@@ -94,7 +94,6 @@ def test_filter_accepts_an_envoy_http_filters_entry() -> None:
 @pytest.mark.parametrize(
     ("data", "option"),
     [
-        ({"http_service": {}}, "ext_proc.http_service"),
         (
             {"processing_mode": {"request_body_mode": "GRPC"}},
             "ext_proc.processing_mode.request_body_mode",
@@ -119,7 +118,6 @@ def test_filter_accepts_an_envoy_http_filters_entry() -> None:
         ({"message_timeout": "4000s"}, "ext_proc.message_timeout"),
     ],
     ids=[
-        "http-service",
         "grpc-body-mode",
         "duplex-needs-trailers",
         "grpc-override",
