@@ -11,16 +11,19 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
+from extproc.demo.upstream import EchoUpstream
 from extproc.processor.http_server import serve_http
 from extproc.processor.testing import request_headers, response_headers, set_headers
 from tests.integration.test_processor_sdk import COMMAND, ENV, processor_command
 from tests.support.gunicorn import running_gunicorn
-from tests.support.proxy import REPO
+from tests.support.http_processor import http_service
+from tests.support.proxy import REPO, request, running_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -195,6 +198,31 @@ def test_what_is_not_a_processing_request_is_a_400(
 def test_get_is_a_405(servers: Servers, transport: str) -> None:
     answer = post(servers.port(transport, AUTH), b"", method="GET")
     assert answer.status == 405 and answer.body == b"POST only\n"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_behind_the_proxy_with_http_service(
+    servers: Servers, upstream: EchoUpstream, transport: str
+) -> None:
+    def ext_proc(target: str) -> dict[str, Any]:
+        uri = f"http://127.0.0.1:{servers.port(transport, target)}/process"
+        return {
+            "http_service": http_service(uri),
+            "processing_mode": {"response_header_mode": "SEND"},
+        }
+
+    with running_proxy(upstream.address, None, ext_proc=ext_proc(HEADERS)) as proxy:
+        reply = request(proxy.address, "GET", "/through-the-proxy")
+    assert reply.status == 200 and reply.header("x-request-path") == "/through-the-proxy"
+    assert reply.header("x-frame-options") == "DENY"
+    with running_proxy(upstream.address, None, ext_proc=ext_proc(AUTH)) as proxy:
+        denied = request(proxy.address, "GET", "/private")
+        allowed = request(
+            proxy.address, "GET", "/private", headers=[("authorization", "Bearer bo")]
+        )
+    assert denied.status == 403 and denied.header("www-authenticate") == "Bearer"
+    assert allowed.status == 200
+    assert upstream.requests[-1].header("x-user") == "bo"
 
 
 def test_camel_case_names_are_read_too(servers: Servers) -> None:
