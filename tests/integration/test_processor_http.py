@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -242,13 +243,19 @@ def test_command_stops_on_sigterm() -> None:
     assert "over HTTP on port" in "".join(lines)
 
 
-def test_command_refuses_api_with_http() -> None:
-    out = subprocess.run(
-        [*COMMAND, AUTH, "--http", "--api", "v3", "--listen", "127.0.0.1:0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=ENV,
+def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], cwd=REPO, capture_output=True, text=True, timeout=60, env=ENV
     )
+
+
+def test_command_refuses_api_with_http() -> None:
+    out = run_command(AUTH, "--http", "--api", "v3", "--listen", "127.0.0.1:0")
     assert out.returncode == 2 and "does not apply to --http" in out.stderr
+
+
+def test_command_exits_3_when_the_port_is_taken() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = run_command(AUTH, "--http", "--listen", f"127.0.0.1:{port}")
+    assert out.returncode == 3 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
