@@ -3,7 +3,8 @@
 The other half of the protocol from the proxy: subclass :class:`Processor`, override the hooks
 for the phases you care about, return a decision, and :func:`serve` it (or run
 ``extproc-processor module:Class``). The SDK speaks the Envoy ``ExternalProcessor`` protocol,
-so a processor written with it works behind Envoy as well as behind extproc.
+so a processor written with it works behind Envoy as well as behind extproc. :func:`wsgi_app`
+serves the same processor over Envoy's ``http_service`` transport (JSON over HTTP) instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from extproc.processor.decisions import (
     with_metadata,
     with_mode,
 )
+from extproc.processor.wsgi import wsgi_app
 
 __all__ = [
     "Body",
@@ -37,4 +39,5 @@ __all__ = [
     "processing_mode",
     "with_metadata",
     "with_mode",
+    "wsgi_app",
 ]

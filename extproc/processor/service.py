@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -19,27 +19,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.apis import API_VERSIONS, DEFAULT_API, service_name
-from extproc.processor.base import Processor
 from extproc.processor.dispatch import StreamDispatcher
+from extproc.processor.targets import ProcessorSource, processor_factory
 
 _log = logging.getLogger("extproc.processor")
-
-ProcessorSource = Processor | type[Processor] | Callable[[], Processor]
-
-
-def _factory(source: ProcessorSource) -> Callable[[], Processor]:
-    # An instance is shared by every stream (its per-request state belongs in ctx.state); a
-    # class or factory gives each stream its own, so ``self`` is per request too.
-    if isinstance(source, Processor):
-        return lambda: source
-    return source
 
 
 class ProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Runs a Processor on every ``Process`` stream, with a fresh StreamContext each."""
 
     def __init__(self, processor: ProcessorSource) -> None:
-        self._new_processor = _factory(processor)
+        self._new_processor = processor_factory(processor)
 
     def Process(  # noqa: N802 (the gRPC method name)
         self, request_iterator: Iterator[ep.ProcessingRequest], context: grpc.ServicerContext

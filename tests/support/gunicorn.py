@@ -1,4 +1,5 @@
-"""gunicorn in a subprocess on 127.0.0.1:0, serving tests.support.wsgi_app with sync workers."""
+"""gunicorn in a subprocess on 127.0.0.1:0, with sync workers: tests.support.wsgi_app, or any
+app gunicorn can name."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ STOP_TIMEOUT_S = 30.0
 
 
 @contextmanager
-def running_gunicorn(env: dict[str, str], workers: int = 1) -> Iterator[tuple[str, int]]:
-    """``gunicorn --preload`` with ``workers`` sync workers; its address once all booted."""
+def running_gunicorn(
+    env: dict[str, str], workers: int = 1, app: str = "tests.support.wsgi_app:application"
+) -> Iterator[tuple[str, int]]:
+    """``gunicorn --preload APP`` with ``workers`` sync workers; its address once all booted."""
     gunicorn = Path(sys.executable).with_name("gunicorn")
     if not gunicorn.exists():
         pytest.fail("gunicorn is not installed in the test venv (setup.cfg dev extras)")
@@ -35,7 +38,7 @@ def running_gunicorn(env: dict[str, str], workers: int = 1) -> Iterator[tuple[st
         "127.0.0.1:0",
         "--chdir",
         str(REPO),
-        "tests.support.wsgi_app:application",
+        app,
     ]
     with subprocess.Popen(
         command,
